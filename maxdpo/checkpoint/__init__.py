@@ -1,0 +1,1 @@
+"""Checkpoints: Hugging Face safetensors interop (hf) and Orbax training state (state)."""

@@ -1,0 +1,192 @@
+"""Hugging Face checkpoints <-> maxdpo parameters, streamed one tensor at a time.
+
+Reading fills one preallocated array per (stacked) parameter; writing emits HF tensors into shards of
+bounded size, so neither direction holds the model twice in host memory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from maxdpo.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from maxdpo.models.family import Family, ParamEntry
+from maxdpo.models.registry import family_for_model_type, get_family
+from maxdpo.models.spec import ModelSpec
+from maxdpo.models.transformer import Transformer
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def to_dtype(name: Any):
+    return jnp.dtype(name) if name is not None else None
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"model folder {path} has no config.json")
+    with open(config_file) as f:
+        return json.load(f)
+
+
+def spec_from_pretrained(path: str | os.PathLike, **runtime) -> tuple[Family, ModelSpec]:
+    """The family and ModelSpec described by `path/config.json`; `runtime` sets dtype, remat, etc."""
+    config = read_hf_config(path)
+    family = family_for_model_type(config.get("model_type"), str(Path(path) / "config.json"))
+    return family, ModelSpec(family=family.name, **family.spec_from_hf(config), **runtime)
+
+
+def abstract_params(spec: ModelSpec) -> dict:
+    """Nested dict of jax.ShapeDtypeStruct for every parameter (nothing allocated)."""
+    model = nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _get_path(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _tensor_locations(path: Path) -> dict[str, Path]:
+    index_file = path / INDEX_FILE
+    if index_file.is_file():
+        with open(index_file) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / SINGLE_FILE
+    if single.is_file():
+        return {name: single for name in SafetensorsFile(single).keys()}
+    raise CheckpointError(f"model folder {path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _hf_to_ours(entry: ParamEntry, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if entry.linear_in_ndim is not None:
+        tensor = tensor.T
+    return tensor.reshape(shape)
+
+
+def _ours_to_hf(entry: ParamEntry, array: np.ndarray) -> np.ndarray:
+    if entry.linear_in_ndim is None:
+        return array
+    fan_in = math.prod(array.shape[:entry.linear_in_ndim])
+    return np.ascontiguousarray(array.reshape(fan_in, -1).T)
+
+
+def load_params(path: str | os.PathLike, spec: ModelSpec, family: Family) -> dict:
+    """Nested dict of numpy arrays in `spec.param_dtype`, read tensor by tensor."""
+    path = Path(path)
+    locations = _tensor_locations(path)
+    opened: dict[Path, SafetensorsFile] = {}
+    shapes = abstract_params(spec)
+    params: dict = {}
+    for entry in family.param_entries(spec):
+        target = _get_path(shapes, entry.path)
+        array = np.empty(target.shape, target.dtype)
+        for layer in range(spec.num_layers) if entry.stacked else [None]:
+            name = entry.hf_name.format(layer=layer)
+            if name not in locations:
+                raise CheckpointError(f"tensor '{name}' is missing from the checkpoint in {path}")
+            file = locations[name]
+            if file not in opened:
+                if not file.is_file():
+                    raise CheckpointError(f"shard {file} named in {path / INDEX_FILE} does not exist")
+                opened[file] = SafetensorsFile(file)
+            tensor = opened[file].get(name)
+            per_layer_shape = target.shape[1:] if entry.stacked else target.shape
+            expected = math.prod(per_layer_shape)
+            if tensor.size != expected or (entry.linear_in_ndim is None and tensor.shape != per_layer_shape):
+                raise CheckpointError(
+                    f"tensor '{name}' in {file} has shape {tuple(tensor.shape)}, which does not fit "
+                    f"{per_layer_shape} for {family.name} with this config.json")
+            converted = _hf_to_ours(entry, np.asarray(tensor, dtype=target.dtype), per_layer_shape)
+            if entry.stacked:
+                array[layer] = converted
+            else:
+                array[...] = converted
+        _set_path(params, entry.path, array)
+    return params
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str = "float32", param_dtype: str = "float32",
+                    **runtime) -> Transformer:
+    """A Transformer with the weights of the HF folder `path` (family from its config.json)."""
+    family, spec = spec_from_pretrained(path, dtype=to_dtype(dtype), param_dtype=to_dtype(param_dtype), **runtime)
+    params = load_params(path, spec, family)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(0))))
+    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+
+
+def hf_config_dict(spec: ModelSpec, family: Family, dtype) -> dict:
+    return {"architectures": [family.architecture], "model_type": family.model_types[0],
+            "dtype": jnp.dtype(dtype).name, **family.hf_config(spec)}
+
+
+def _hf_tensors(spec: ModelSpec, family: Family, params: dict, dtype):
+    """Yields (hf_name, numpy array) one tensor at a time."""
+    for entry in family.param_entries(spec):
+        array = _get_path(params, entry.path)
+        for layer in range(spec.num_layers) if entry.stacked else [None]:
+            value = array[layer] if entry.stacked else array
+            yield entry.hf_name.format(layer=layer), _ours_to_hf(entry, np.asarray(value).astype(dtype))
+
+
+def save_params(spec: ModelSpec, params: dict, out_dir: str | os.PathLike, dtype: Optional[str] = None,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Writes config.json and safetensors shards (with an index when more than one) to `out_dir`."""
+    family = get_family(spec.family)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np_dtype = np.dtype(to_dtype(dtype) or spec.param_dtype)
+    shapes = abstract_params(spec)
+    sizes = []  # plan shards from shapes alone
+    for entry in family.param_entries(spec):
+        shape = _get_path(shapes, entry.path).shape
+        per_layer = math.prod(shape[1:] if entry.stacked else shape) * np_dtype.itemsize
+        sizes += [per_layer] * (spec.num_layers if entry.stacked else 1)
+    shard_of, shard, used = [], 0, 0
+    for size in sizes:
+        if used and used + size > max_shard_bytes:
+            shard, used = shard + 1, 0
+        shard_of.append(shard)
+        used += size
+    num_shards = shard + 1
+    names = [SINGLE_FILE] if num_shards == 1 else [
+        f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+    weight_map, pending, current = {}, [], 0
+    for (name, tensor), shard_index in zip(_hf_tensors(spec, family, params, np_dtype), shard_of):
+        if shard_index != current:
+            write_safetensors(out / names[current], pending, {"format": "pt"})
+            pending, current = [], shard_index
+        pending.append((name, tensor))
+        weight_map[name] = names[shard_index]
+    write_safetensors(out / names[current], pending, {"format": "pt"})
+    if num_shards > 1:
+        with open(out / INDEX_FILE, "w") as f:
+            json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+    with open(out / "config.json", "w") as f:
+        json.dump(hf_config_dict(spec, family, np_dtype), f, indent=2)
+    return out
+
+
+def save_pretrained(model: Transformer, out_dir: str | os.PathLike, dtype: Optional[str] = None,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """HF folder (config.json + safetensors) that `transformers.AutoModelForCausalLM` loads."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return save_params(model.spec, params, out_dir, dtype, max_shard_bytes)

@@ -1,0 +1,320 @@
+"""Typed run configuration: dataclasses, YAML files, dotted `key=value` overrides, validation.
+
+Every YAML is applied on top of the bundled `configs/base.yaml` (which holds the logical-axis rules).
+Unknown keys and ill-typed values raise `ConfigError` naming the key and the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+DEFAULT_CONFIG = "tiny_llama_dpo.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names it."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    name: str = "maxdpo"
+    output_dir: str = "runs/maxdpo"
+    seed: int = 42
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    family: str = "llama"
+    path: Optional[str] = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    overrides: dict = dataclasses.field(default_factory=dict)
+    attention: str = "xla"
+    moe_impl: str = "dense"
+    remat: str = "none"
+    scan_layers: bool = True
+
+
+@dataclasses.dataclass
+class ReferenceConfig:
+    path: Optional[str] = None
+    precompute: bool = False
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    path: Optional[str] = None
+
+
+@dataclasses.dataclass
+class ColumnsConfig:
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train: Optional[str] = None
+    eval: Optional[str] = None
+    format: str = "auto"
+    columns: ColumnsConfig = dataclasses.field(default_factory=ColumnsConfig)
+    chat_template: str = "auto"
+    system_prompt: Optional[str] = None
+    max_length: int = 512
+    max_prompt_length: int = 256
+    truncation: str = "keep_end"
+    shuffle: bool = True
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    dpop_lambda: float = 50.0
+    sft_weight: float = 0.0
+    router_aux_coef: float = 0.0
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    learning_rate: float = 5e-7
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    batch_size: int = 8
+    micro_batch_size: Optional[int] = None
+    epochs: int = 1
+    max_steps: int = -1
+    eval_every: int = 0
+    save_every: int = 0
+    log_every: int = 1
+    keep_checkpoints: int = 3
+    resume: str = "auto"
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    logical_axis_rules: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class FreezeConfig:
+    trainable: list = dataclasses.field(default_factory=list)
+    frozen: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    hf: bool = True
+    dtype: Optional[str] = None
+
+
+@dataclasses.dataclass
+class Config:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+
+
+CHOICES = {
+    "model.family": ("llama",),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention": ("xla",),
+    "model.moe_impl": ("dense",),
+    "model.remat": ("none", "dots", "full"),
+    "data.format": ("auto", "plain"),
+    "data.truncation": ("keep_start", "keep_end"),
+    "dpo.loss": ("sigmoid",),
+    "optimizer.name": ("adamw",),
+    "optimizer.schedule": ("linear", "cosine", "constant"),
+    "trainer.resume": ("auto", "never"),
+    "export.dtype": (None, "float32", "bfloat16", "float16"),
+}
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Checks `value` against a field annotation; ints are accepted for floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    expected = origin or annotation
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "5e-7" as a string
+        except ValueError:
+            pass
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"config key '{key}' must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+    fields = typing.get_type_hints(type(obj))
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            valid = [f"{prefix}{n}" for n in fields]
+            raise ConfigError(f"unknown config key '{key}'{_closest(key, valid)}")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section; give it a mapping, got {value!r}")
+            _apply(current, value, prefix=f"{key}.")
+        else:
+            setattr(obj, name, _coerce(value, fields[name], key))
+
+
+def _all_keys(obj: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        keys.append(f"{prefix}{f.name}")
+        if dataclasses.is_dataclass(value):
+            keys += _all_keys(value, f"{prefix}{f.name}.")
+    return keys
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=value` -> {'a': {'b': {'c': value}}}, the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        content = yaml.safe_load(f) or {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    return content
+
+
+def bundled_config_path(name: str) -> Path:
+    return Path(str(importlib.resources.files("maxdpo.configs").joinpath(name)))
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given, or else the name of a bundled config."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = bundled_config_path(path.name)
+    if bundled.is_file():
+        return bundled
+    raise ConfigError(f"config file not found: {name} (nor a bundled config of that name)")
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+    if cfg.dpo.beta <= 0:
+        raise ConfigError(f"config key 'dpo.beta' must be > 0, got {cfg.dpo.beta}")
+    if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"config key 'dpo.label_smoothing' must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
+    if cfg.trainer.batch_size <= 0:
+        raise ConfigError(f"config key 'trainer.batch_size' must be > 0, got {cfg.trainer.batch_size}")
+    micro = cfg.trainer.micro_batch_size
+    if micro is not None and (micro <= 0 or cfg.trainer.batch_size % micro):
+        raise ConfigError(
+            f"config key 'trainer.micro_batch_size' ({micro}) must divide trainer.batch_size ({cfg.trainer.batch_size})")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError(
+            f"config key 'data.max_prompt_length' ({cfg.data.max_prompt_length}) must be below "
+            f"data.max_length ({cfg.data.max_length})")
+    if not 0.0 <= cfg.optimizer.warmup_ratio <= 1.0:
+        raise ConfigError(f"config key 'optimizer.warmup_ratio' must be in [0, 1], got {cfg.optimizer.warmup_ratio}")
+    for axis in ("data", "fsdp", "tensor", "expert"):
+        size = getattr(cfg.mesh, axis)
+        if size == 0 or size < -1:
+            raise ConfigError(f"config key 'mesh.{axis}' must be a positive size or -1, got {size}")
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """base.yaml <- the config file (bundled default when None) <- dotted overrides; then validated."""
+    cfg = Config()
+    _apply(cfg, _read_yaml(bundled_config_path("base.yaml")))
+    _apply(cfg, _read_yaml(resolve_config_path(path or DEFAULT_CONFIG)))
+    for text in overrides:
+        _apply(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(content: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, content)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def valid_keys() -> list[str]:
+    return _all_keys(Config())

@@ -1,0 +1,123 @@
+"""Decoder building blocks: RMSNorm, rotary embeddings (default and llama3 scaling), attention, gated MLP.
+
+Parameters carry `logical_axes` metadata; `maxdpo.sharding` maps those names to mesh axes. Stacked
+(scanned) layers add a leading `layers` axis. Numerics follow Hugging Face `transformers`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from maxdpo.kernels import dot_product_attention
+from maxdpo.models.spec import ModelSpec
+
+
+def make_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[Optional[str], ...], dtype, stddev: float,
+               num_layers: Optional[int] = None) -> nnx.Param:
+    """A normal(0, stddev) parameter (HF's init); a leading `layers` axis when `num_layers` is set."""
+    if num_layers is not None:
+        shape, axes = (num_layers, *shape), ("layers", *axes)
+    value = stddev * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+def ones_param(shape: tuple[int, ...], axes: tuple[Optional[str], ...], dtype,
+               num_layers: Optional[int] = None, fill: float = 1.0) -> nnx.Param:
+    if num_layers is not None:
+        shape, axes = (num_layers, *shape), ("layers", *axes)
+    return nnx.Param(jnp.full(shape, fill, dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / rms(x) * scale, computed in fp32 and cast back as transformers does."""
+
+    def __init__(self, spec: ModelSpec, num_layers: Optional[int] = None):
+        self.eps = spec.rms_norm_eps
+        self.scale = ones_param((spec.hidden_size,), ("embed",), spec.param_dtype, num_layers)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(spec: ModelSpec) -> np.ndarray:
+    """inv_freq [head_dim // 2], with the `llama3` frequency-dependent scaling when configured."""
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = dict(spec.rope_scaling or ())
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq.astype(np.float32)
+    if rope_type != "llama3":
+        raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, llama3)")
+    factor = scaling["factor"]
+    low_freq_factor = scaling["low_freq_factor"]
+    high_freq_factor = scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates halves of the head dimension (HF's `rotate_half` layout). x: [B, T, N, H]; positions: [B, T]."""
+    angles = positions[:, :, None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None, :]  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    first, second = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary positions."""
+
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, num_layers: Optional[int] = None):
+        d, n, k, h = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+        init = dict(rngs=rngs, dtype=spec.param_dtype, stddev=spec.initializer_range, num_layers=num_layers)
+        self.q_proj = make_param(shape=(d, n, h), axes=("embed", "heads", "head_dim"), **init)
+        self.k_proj = make_param(shape=(d, k, h), axes=("embed", "kv_heads", "head_dim"), **init)
+        self.v_proj = make_param(shape=(d, k, h), axes=("embed", "kv_heads", "head_dim"), **init)
+        self.o_proj = make_param(shape=(n, h, d), axes=("heads", "head_dim", "embed"), **init)
+        self.spec = spec
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dtype))  # [B, T, N, H]
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dtype))  # [B, T, K, H]
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dtype))  # [B, T, K, H]
+        inv_freq = rope_inverse_frequencies(self.spec)
+        q = apply_rotary(q, positions, inv_freq)
+        k = apply_rotary(k, positions, inv_freq)
+        out = dot_product_attention(
+            q, k, v, impl=self.spec.attention, q_positions=positions, kv_positions=positions,
+            q_segment_ids=segment_ids, kv_segment_ids=segment_ids, scale=self.spec.head_dim ** -0.5)
+        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dtype))  # [B, T, D]
+
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU for Llama."""
+
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, num_layers: Optional[int] = None):
+        d, f = spec.hidden_size, spec.intermediate_size
+        init = dict(rngs=rngs, dtype=spec.param_dtype, stddev=spec.initializer_range, num_layers=num_layers)
+        self.gate_proj = make_param(shape=(d, f), axes=("embed", "mlp"), **init)
+        self.up_proj = make_param(shape=(d, f), axes=("embed", "mlp"), **init)
+        self.down_proj = make_param(shape=(f, d), axes=("mlp", "embed"), **init)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(dtype))  # [B, T, F]
+        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(dtype))  # [B, T, F]
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj[...].astype(dtype))  # [B, T, D]
