@@ -1,0 +1,85 @@
+"""Orbax training checkpoints: `checkpoints/<step>/{params, opt_state, meta}`.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a crash mid-save never
+leaves a half checkpoint that resume would pick; an existing step is never written over.
+`meta` (JSON) carries the step, the model architecture and the resolved config, so a checkpoint alone is
+enough to export it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from maxdpo.models.spec import ModelSpec
+
+
+def spec_to_meta(spec: ModelSpec) -> dict:
+    fields = {name: getattr(spec, name) for name in ModelSpec.ARCHITECTURE_FIELDS}
+    fields["rope_scaling"] = dict(spec.rope_scaling) if spec.rope_scaling else None
+    return {"family": spec.family, **fields}
+
+
+def spec_from_meta(meta: dict, **runtime) -> ModelSpec:
+    fields = {name: meta[name] for name in ModelSpec.ARCHITECTURE_FIELDS}
+    return ModelSpec(family=meta["family"], **fields, **runtime)
+
+
+class CheckpointStore:
+    """Saves and restores training state under `<run>/checkpoints`."""
+
+    def __init__(self, directory: str | Path, keep: int = 3):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=True,
+                                               enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("params", "opt_state", "meta"))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
+        if step in self.manager.all_steps():
+            raise FileExistsError(f"checkpoint for step {step} already exists in {self.directory}; not overwriting")
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave({**meta, "step": step})))
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None) -> dict:
+        """Restores params (and opt_state when its abstract tree is given) with their shardings."""
+        items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
+        if abstract_opt_state is not None:
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        return dict(self.manager.restore(step, args=ocp.args.Composite(**items)).items())
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) describing the arrays of `tree`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def find_checkpoint(source: str | Path) -> tuple[Path, int]:
+    """(checkpoints folder, step) from a run folder, its checkpoints folder, or one step's folder."""
+    source = Path(source).absolute()
+    for directory in (source / "checkpoints", source):
+        if directory.is_dir():
+            steps = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+            if steps:
+                return directory, steps[-1]
+    if source.name.isdigit() and source.parent.is_dir():
+        return source.parent, int(source.name)
+    raise FileNotFoundError(f"no checkpoint found in {source} (expected a run folder, its checkpoints/ "
+                            "folder or a checkpoints/<step> folder)")
+

@@ -1,0 +1,117 @@
+"""Builds what a run needs from its config: tokenizer, model spec, sharded parameters, tokenised data."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from transformers import AutoTokenizer
+
+from maxdpo.checkpoint.hf import load_params, spec_from_pretrained, to_dtype
+from maxdpo.config import Config, ConfigError
+from maxdpo.data.loader import BatchPlan
+from maxdpo.data.sources import DataError, load_rows, resolve_path
+from maxdpo.data.tokenize import PairTokenizer, TokenizedPair, tokenize_rows
+from maxdpo.models.registry import get_family
+from maxdpo.models.spec import ModelSpec
+from maxdpo.models.transformer import Transformer
+from maxdpo.sharding import logical_axes_of, tree_shardings
+
+log = logging.getLogger("maxdpo")
+
+
+def runtime_options(cfg: Config) -> dict:
+    return dict(dtype=to_dtype(cfg.model.dtype), param_dtype=to_dtype(cfg.model.param_dtype),
+                attention=cfg.model.attention, remat=cfg.model.remat, scan_layers=cfg.model.scan_layers)
+
+
+def build_spec(cfg: Config) -> ModelSpec:
+    """From `model.path`'s config.json, or the family's default architecture with `model.overrides`."""
+    runtime = runtime_options(cfg)
+    if cfg.model.path:
+        family, spec = spec_from_pretrained(resolve_path(cfg.model.path), **runtime)
+        if family.name != cfg.model.family:
+            raise ConfigError(f"model.family is '{cfg.model.family}' but {cfg.model.path} holds a '{family.name}' model")
+        if cfg.model.overrides:
+            raise ConfigError("model.overrides applies to random init only; remove it or set model.path: null")
+        return spec
+    spec = dataclasses.replace(get_family(cfg.model.family).default_spec, **runtime)
+    unknown = set(cfg.model.overrides) - set(ModelSpec.ARCHITECTURE_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in model.overrides: {sorted(unknown)}; valid: {list(ModelSpec.ARCHITECTURE_FIELDS)}")
+    return spec.replace(**cfg.model.overrides)
+
+
+def load_tokenizer(cfg: Config):
+    source = cfg.tokenizer.path or cfg.model.path
+    if not source:
+        raise ConfigError("no tokenizer: set tokenizer.path (or model.path to a folder with tokenizer files)")
+    path = resolve_path(source)
+    if not Path(path).exists():
+        raise ConfigError(f"tokenizer path not found: {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def abstract_model(spec: ModelSpec):
+    """(graphdef, abstract params, logical axes) without allocating anything."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(0))))
+    return graphdef, nnx.to_pure_dict(state), logical_axes_of(state)
+
+
+def param_shardings(spec: ModelSpec, mesh: Mesh, rules: dict):
+    graphdef, abstract, axes = abstract_model(spec)
+    return graphdef, abstract, tree_shardings(abstract, axes, rules, mesh)
+
+
+def init_params(spec: ModelSpec, shardings, seed: int) -> dict:
+    """Random init directly into its shards (never materialised whole on one device)."""
+    def create():
+        return nnx.to_pure_dict(nnx.state(Transformer(spec, nnx.Rngs(seed)), nnx.Param))
+    return jax.jit(create, out_shardings=shardings)()
+
+
+def load_sharded_params(path: str, spec: ModelSpec, shardings) -> dict:
+    """HF weights, streamed from disk and placed tensor by tensor onto their shards."""
+    host = load_params(resolve_path(path), spec, get_family(spec.family))
+    return jax.tree.map(lambda array, sharding: jax.device_put(array, sharding), host, shardings)
+
+
+def copy_params(params: dict) -> dict:
+    return jax.tree.map(jnp.copy, params)
+
+
+def tokenize_source(source: str, cfg: Config, tokenizer) -> list[TokenizedPair]:
+    rows = load_rows(source)
+    missing = [c for c in (cfg.data.columns.prompt, cfg.data.columns.chosen, cfg.data.columns.rejected)
+               if c not in rows.column_names]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {missing}; found {rows.column_names} (see data.columns)")
+    pair_tokenizer = PairTokenizer(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.truncation)
+    pairs, stats = tokenize_rows(rows, pair_tokenizer, cfg.data.columns, source)
+    log.info("%s: %d pairs, %d truncated to data.max_length=%d", source, stats.pairs, stats.truncated,
+             cfg.data.max_length)
+    return pairs
+
+
+def batch_plan(cfg: Config, tokenizer, shuffle: Optional[bool] = None, batch_size: Optional[int] = None) -> BatchPlan:
+    return BatchPlan(batch_size=batch_size or cfg.trainer.batch_size, epochs=cfg.trainer.epochs,
+                     seed=cfg.run.seed, shuffle=cfg.data.shuffle if shuffle is None else shuffle,
+                     pad_id=tokenizer.pad_token_id, max_length=cfg.data.max_length)
+
+
+def check_vocab(spec: ModelSpec, tokenizer) -> None:
+    if len(tokenizer) > spec.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {spec.vocab_size}")
+
+
+def host_params(params: dict) -> dict:
+    return jax.tree.map(np.asarray, params)

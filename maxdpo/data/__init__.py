@@ -1,0 +1,1 @@
+"""Preference data: load rows, tokenise pairs as TRL does, batch them with grain."""

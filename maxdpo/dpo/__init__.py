@@ -1,0 +1,1 @@
+"""DPO family: losses (pure functions), log-probs, the jitted train/eval step, TRL-named metrics."""

@@ -1,0 +1,44 @@
+"""optax AdamW with Hugging Face's schedules, decay mask and gradient clipping."""
+from __future__ import annotations
+
+import math
+
+import jax
+import optax
+
+from maxdpo.config import OptimizerConfig
+
+
+def warmup_steps(cfg: OptimizerConfig, total_steps: int) -> int:
+    """`warmup_steps` when set, else ceil(warmup_ratio * total) as transformers computes it."""
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+
+
+def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then linear/cosine decay to 0 at `total_steps`, or constant."""
+    warmup = min(warmup_steps(cfg, total_steps), total_steps)
+    decay_steps = max(total_steps - warmup, 1)
+    if cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)
+    elif cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps)
+    else:
+        decay = optax.constant_schedule(cfg.learning_rate)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
+
+
+def decay_mask(params) -> dict:
+    """Weight decay on matrices only: norm scales are excluded, as transformers' Trainer does."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any("norm" in str(getattr(k, "key", "")) for k in path), params)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(cfg, total_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity(),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule

@@ -1,0 +1,127 @@
+"""The DPO train and eval steps: pure functions of (state, reference params, batch), jitted by the trainer.
+
+Chosen and rejected rows go through one forward ([B, 2, T] -> [2B, T]). Metrics are accumulated as sums
+over pairs and completion tokens and divided once, so gradient accumulation over micro-batches gives
+exactly the full-batch loss, gradients and metrics. Names and definitions follow TRL.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from maxdpo.dpo.logps import completion_logps
+from maxdpo.dpo.losses import preference_loss
+
+# Sums over pairs; divided by the number of pairs.
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    loss: str
+    beta: float
+    label_smoothing: float
+
+
+def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Forward pass over chosen and rejected rows: per-sequence logps and logit sums, each [B, 2]."""
+    pairs, _, seq = batch["input_ids"].shape
+    flat = {name: batch[name].reshape(pairs * 2, seq)  # [2B, T]
+            for name in ("input_ids", "segment_ids", "completion_mask")}
+    model = nnx.merge(graphdef, params)
+    logits = model(flat["input_ids"], segment_ids=flat["segment_ids"])  # [2B, T, V]
+    logps, logit_sums, counts = completion_logps(logits, flat["input_ids"], flat["completion_mask"])
+    return {"logps": logps.reshape(pairs, 2), "logit_sums": logit_sums.reshape(pairs, 2),
+            "counts": counts.reshape(pairs, 2)}
+
+
+def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair_mask: jax.Array
+                     ) -> tuple[jax.Array, dict]:
+    """(summed loss, metric sums) over the pairs with pair_mask 1; rewards = beta * (policy - reference logps)."""
+    policy_chosen, policy_rejected = policy["logps"][:, 0], policy["logps"][:, 1]
+    ref_chosen, ref_rejected = reference["logps"][:, 0], reference["logps"][:, 1]
+    losses = preference_loss(settings.loss, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                             beta=settings.beta, label_smoothing=settings.label_smoothing)  # [B]
+    chosen_rewards = settings.beta * (policy_chosen - ref_chosen)
+    rejected_rewards = settings.beta * (policy_rejected - ref_rejected)
+    per_pair = {
+        "loss": losses,
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": policy_chosen,
+        "logps/rejected": policy_rejected,
+        "logit_sums/chosen": policy["logit_sums"][:, 0],
+        "logit_sums/rejected": policy["logit_sums"][:, 1],
+        "tokens/chosen": policy["counts"][:, 0],
+        "tokens/rejected": policy["counts"][:, 1],
+        "pairs": jnp.ones_like(losses),
+    }
+    sums = {name: jnp.sum(value * pair_mask) for name, value in per_pair.items()}
+    return sums["loss"], sums
+
+
+def finalize_metrics(sums: dict) -> dict:
+    """Means over pairs; `logits/*` are means over all completion tokens of the batch, as TRL pools them."""
+    metrics = {name: sums[name] / sums["pairs"] for name in PAIR_METRICS}
+    for side in ("chosen", "rejected"):
+        metrics[f"logits/{side}"] = sums[f"logit_sums/{side}"] / jnp.maximum(sums[f"tokens/{side}"], 1.0)
+    return metrics
+
+
+def split_micro_batches(batch: dict, num_micro: int) -> dict:
+    """[B, 2, T] -> [num_micro, B / num_micro, 2, T] (contiguous blocks of pairs)."""
+    return jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
+
+
+def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, num_micro: int) -> Callable:
+    """train_step(state, ref_params, batch) -> (state, metrics); state = {step, params, opt_state}."""
+
+    def micro_step(params, ref_params, micro):
+        reference = jax.lax.stop_gradient(sequence_stats(graphdef, ref_params, micro))
+
+        def loss_fn(p):
+            return pair_metric_sums(sequence_stats(graphdef, p, micro), reference, settings, micro["pair_mask"])
+
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, sums
+
+    def train_step(state: dict[str, Any], ref_params: dict, batch: dict) -> tuple[dict, dict]:
+        params = state["params"]
+
+        def accumulate(carry, micro):
+            grads, sums = micro_step(params, ref_params, micro)
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        micro_batches = split_micro_batches(batch, num_micro)
+        zero = jax.eval_shape(micro_step, params, ref_params, jax.tree.map(lambda x: x[0], micro_batches))
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+        (grad_sums, sums), _ = jax.lax.scan(accumulate, zero, micro_batches)
+        grads = jax.tree.map(lambda g: g / sums["pairs"], grad_sums)  # gradient of the mean loss over pairs
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        metrics = finalize_metrics(sums)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = schedule(state["step"])
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings) -> Callable:
+    """eval_step(params, ref_params, batch) -> metric sums (summed over pairs, for averaging over batches)."""
+
+    def eval_step(params: dict, ref_params: dict, batch: dict) -> dict:
+        reference = sequence_stats(graphdef, ref_params, batch)
+        return pair_metric_sums(sequence_stats(graphdef, params, batch), reference, settings, batch["pair_mask"])[1]
+
+    return eval_step

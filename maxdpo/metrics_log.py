@@ -1,0 +1,39 @@
+"""Metric sinks for a run: metrics.jsonl (one JSON object per logged step), TensorBoard events, a progress bar."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard")) if enabled else None
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="dpo", dynamic_ncols=True, disable=not enabled)
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def write(self, row: dict) -> None:
+        """`row` has `step` and float metrics; eval rows carry the `eval_` prefix already."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        for name, value in row.items():
+            if name != "step":
+                self.tensorboard.add_scalar(name, value, row["step"])
+        shown = {k: row[k] for k in ("loss", "rewards/accuracies", "eval_loss", "eval_rewards/accuracies") if k in row}
+        self.bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
+        if any(k.startswith("eval_") for k in row):
+            self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
+        self.bar.close()

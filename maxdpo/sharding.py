@@ -1,0 +1,94 @@
+"""Device mesh from `mesh.*` and logical-axis rules -> PartitionSpecs / NamedShardings.
+
+Logical names (`embed`, `heads`, `batch`, ...) are mapped to mesh axes only here, through the rules in
+`configs/base.yaml` (`mesh.logical_axis_rules`). A dimension that a mesh axis does not divide stays
+replicated over that axis rather than failing, so tiny models still run on big meshes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from maxdpo.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")  # outermost first; tensor is the innermost (fastest) axis
+
+
+def mesh_shape(mesh_cfg: MeshConfig, device_count: int) -> dict[str, int]:
+    """Axis sizes with at most one -1 filled so that their product is the device count."""
+    sizes = {axis: getattr(mesh_cfg, axis) for axis in MESH_AXES}
+    unknown = [axis for axis, size in sizes.items() if size == -1]
+    if len(unknown) > 1:
+        raise ConfigError(f"only one mesh axis may be -1, got {['mesh.' + a for a in unknown]}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if unknown:
+        if device_count % known:
+            raise ConfigError(f"mesh axes {sizes} cannot fill {device_count} devices")
+        sizes[unknown[0]] = device_count // known
+    if math.prod(sizes.values()) != device_count:
+        raise ConfigError(f"mesh {sizes} has {math.prod(sizes.values())} slots for {device_count} devices; "
+                          "the product of mesh.data/fsdp/expert/tensor must equal the device count")
+    return sizes
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_shape(mesh_cfg, len(devices))
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (AssertionError, ValueError, NotImplementedError):
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[Optional[str]], rules: dict, mesh: Mesh,
+                    shape: Optional[Sequence[int]] = None) -> PartitionSpec:
+    """PartitionSpec for one array whose dimensions carry the logical names `axes`."""
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(axes):
+        targets = []
+        for mesh_axis in rules.get(name) or () if name is not None else ():
+            if mesh_axis in used or mesh.shape[mesh_axis] == 1:
+                continue
+            size = math.prod(mesh.shape[a] for a in targets) * mesh.shape[mesh_axis]
+            if shape is not None and shape[dim] % size:
+                continue
+            targets.append(mesh_axis)
+        used.update(targets)
+        spec.append(None if not targets else targets[0] if len(targets) == 1 else tuple(targets))
+    return PartitionSpec(*spec)
+
+
+def logical_axes_of(module_state: nnx.State) -> dict:
+    """Nested dict of each parameter's `logical_axes` metadata."""
+    def axes(variable):
+        return variable.get_metadata().get("logical_axes")
+    return nnx.to_pure_dict(jax.tree.map(axes, module_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def tree_shardings(abstract_tree, axes_tree, rules: dict, mesh: Mesh):
+    """NamedSharding for every array of `abstract_tree`, from the matching logical axes."""
+    return jax.tree.map(
+        lambda leaf, axes: NamedSharding(mesh, logical_to_spec(axes, rules, mesh, leaf.shape)),
+        abstract_tree, axes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh, rules: dict, ndim: int) -> NamedSharding:
+    """Batches are split over the `batch` rule on their leading dimension."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def data_parallel_size(mesh: Mesh, rules: dict) -> int:
+    return math.prod(mesh.shape[axis] for axis in rules.get("batch") or ())
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

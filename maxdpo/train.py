@@ -1,0 +1,44 @@
+"""`python -m maxdpo.train [CONFIG.yaml] [key=value ...]`: a DPO run (default: the bundled tiny run)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from maxdpo.config import ConfigError, DEFAULT_CONFIG, load_config
+from maxdpo.data.sources import DataError
+from maxdpo.checkpoint.safetensors_io import CheckpointError
+from maxdpo.distributed import maybe_initialize_distributed
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError)
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m maxdpo.train", description=__doc__)
+    parser.add_argument("config", nargs="?", help=f"YAML config (path or bundled name; default {DEFAULT_CONFIG})")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=10")
+    args = parser.parse_args(argv)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # no config given, only overrides
+        config, overrides = None, [config] + overrides
+    return config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(config, overrides)
+        maybe_initialize_distributed()
+        from maxdpo.trainer import Trainer  # after distributed init: jax must not see devices before it
+        summary = Trainer(cfg).train()
+    except USER_ERRORS as err:
+        print(f"maxdpo: error: {err}", file=sys.stderr)
+        return 2
+    final = {k: round(v, 4) for k, v in {**summary["train"], **summary["eval"]}.items() if isinstance(v, float)}
+    print(f"maxdpo: finished {summary['steps']} steps in {summary['run_dir']}: {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

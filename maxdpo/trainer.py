@@ -1,0 +1,204 @@
+"""The DPO training loop: feeds batches to the jitted step, logs, evaluates, checkpoints, exports."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from maxdpo import components
+from maxdpo.checkpoint.hf import save_params
+from maxdpo.checkpoint.state import CheckpointStore, abstract_like, spec_to_meta
+from maxdpo.config import Config, ConfigError, save_config, to_dict
+from maxdpo.data.loader import batched_dataset, eval_dataset, iterate_batches, iterate_eval_batches
+from maxdpo.dpo.optim import make_optimizer
+from maxdpo.dpo.step import LossSettings, finalize_metrics, make_eval_step, make_train_step
+from maxdpo.metrics_log import MetricsLog
+from maxdpo.sharding import batch_sharding, data_parallel_size, make_mesh, replicated
+
+log = logging.getLogger("maxdpo")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the step and batch."""
+
+
+def _write_config_atomically(cfg: Config, run_dir: Path) -> None:
+    tmp = run_dir / "config.yaml.tmp"
+    save_config(cfg, tmp)
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def _global_batch(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
+    return {name: jax.make_array_from_process_local_data(shardings[name], value) for name, value in batch.items()}
+
+
+def _mean_rows(window: list[dict]) -> dict:
+    """Averages the metrics of the steps since the last log (TRL's logging), learning rate as of the last step."""
+    row = {name: float(np.mean([m[name] for m in window])) for name in window[0]}
+    row["learning_rate"] = float(window[-1]["learning_rate"])
+    return row
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.output_dir).absolute()
+        self.is_main = jax.process_index() == 0
+        self.mesh = make_mesh(cfg.mesh)
+        self.rules = cfg.mesh.logical_axis_rules
+        trainer = cfg.trainer
+        micro = trainer.micro_batch_size or trainer.batch_size
+        self.num_micro = trainer.batch_size // micro
+        dp = data_parallel_size(self.mesh, self.rules)
+        if micro % dp:
+            raise ConfigError(f"micro batch of {micro} pairs (trainer.micro_batch_size or trainer.batch_size) is not "
+                              f"divisible by the data-parallel size {dp} of mesh {dict(self.mesh.shape)}")
+        if not cfg.data.train:
+            raise ConfigError("data.train is not set")
+
+        self.tokenizer = components.load_tokenizer(cfg)
+        self.spec = components.build_spec(cfg)
+        components.check_vocab(self.spec, self.tokenizer)
+        plan = components.batch_plan(cfg, self.tokenizer)
+        self.train_data = batched_dataset(components.tokenize_source(cfg.data.train, cfg, self.tokenizer), plan)
+        self.steps_per_epoch = len(self.train_data) // trainer.epochs
+        self.total_steps = len(self.train_data) if trainer.max_steps < 0 else min(trainer.max_steps, len(self.train_data))
+        self.eval_data = None
+        if cfg.data.eval:
+            eval_plan = components.batch_plan(cfg, self.tokenizer, shuffle=False, batch_size=micro)
+            self.eval_data = eval_dataset(components.tokenize_source(cfg.data.eval, cfg, self.tokenizer), eval_plan)
+
+        self.graphdef, _, self.param_shardings = components.param_shardings(self.spec, self.mesh, self.rules)
+        settings = LossSettings(cfg.dpo.loss, cfg.dpo.beta, cfg.dpo.label_smoothing)
+        self.optimizer, self.schedule = make_optimizer(cfg.optimizer, self.total_steps)
+        batch_dims = {"input_ids": 3, "segment_ids": 3, "completion_mask": 3, "pair_mask": 1}
+        self.batch_shardings = {k: batch_sharding(self.mesh, self.rules, n) for k, n in batch_dims.items()}
+        self._train_step = make_train_step(self.graphdef, settings, self.optimizer, self.schedule, self.num_micro)
+        self.eval_step = jax.jit(make_eval_step(self.graphdef, settings),
+                                 in_shardings=(self.param_shardings, self.param_shardings, self.batch_shardings))
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def initial_params(self) -> dict:
+        if self.cfg.model.path:
+            return components.load_sharded_params(self.cfg.model.path, self.spec, self.param_shardings)
+        return components.init_params(self.spec, self.param_shardings, self.cfg.run.seed)
+
+    def reference_params(self, initial: dict) -> dict:
+        if self.cfg.reference.path:
+            ref_spec = components.spec_from_pretrained(components.resolve_path(self.cfg.reference.path),
+                                                       **components.runtime_options(self.cfg))[1]
+            if spec_to_meta(ref_spec) != spec_to_meta(self.spec):
+                raise ConfigError(f"reference.path {self.cfg.reference.path} has a different architecture than the policy")
+            return components.load_sharded_params(self.cfg.reference.path, self.spec, self.param_shardings)
+        return components.copy_params(initial)
+
+    def _normalise_shardings(self, tree):
+        """Every array on the mesh: scalars and other unannotated leaves are replicated."""
+        def sharding_of(x):
+            return x.sharding if isinstance(x.sharding, NamedSharding) else replicated(self.mesh)
+        shardings = jax.tree.map(sharding_of, tree)
+        return jax.device_put(tree, shardings), shardings
+
+    def meta(self) -> dict:
+        return {"model": spec_to_meta(self.spec), "config": to_dict(self.cfg)}
+
+    # -- loop ------------------------------------------------------------------------------------------------
+    def evaluate(self, params: dict, ref_params: dict) -> dict:
+        totals = None
+        for batch in iterate_eval_batches(self.eval_data):
+            sums = self.eval_step(params, ref_params, _global_batch(batch, self.batch_shardings))
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        return {f"eval_{k}": float(v) for k, v in finalize_metrics(jax.device_get(totals)).items()}
+
+    def _check_finite(self, step: int, metrics: dict) -> None:
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            epoch, index = divmod(step - 1, self.steps_per_epoch)
+            raise NonFiniteLossError(
+                f"loss is {loss} at step {step} (batch {index} of epoch {epoch}, global batch index {step - 1}); "
+                f"stopping, the checkpoints in {self.run_dir / 'checkpoints'} are untouched")
+
+    def train(self) -> dict:
+        cfg, trainer = self.cfg, self.cfg.trainer
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        store = CheckpointStore(self.run_dir / "checkpoints", trainer.keep_checkpoints)
+        latest = store.latest_step()
+        if latest is not None and trainer.resume == "never":
+            raise ConfigError(f"{self.run_dir} already holds checkpoints (newest step {latest}) and trainer.resume "
+                              "is 'never'; choose another run.output_dir or set trainer.resume=auto")
+        if self.is_main:
+            _write_config_atomically(cfg, self.run_dir)
+
+        params = self.initial_params()
+        ref_params = self.reference_params(params)
+        opt_state = jax.jit(self.optimizer.init)(params)
+        state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": opt_state}
+        state, state_shardings = self._normalise_shardings(state)
+        start = 0
+        if latest is not None:
+            restored = store.restore(latest, abstract_like(state["params"]), abstract_like(state["opt_state"]))
+            state = {"step": jax.device_put(jnp.asarray(latest, jnp.int32), replicated(self.mesh)),
+                     "params": restored["params"], "opt_state": restored["opt_state"]}
+            start = latest
+            log.info("resuming from %s at step %d", store.directory / str(latest), latest)
+        train_step = jax.jit(self._train_step,
+                             in_shardings=(state_shardings, self.param_shardings, self.batch_shardings),
+                             out_shardings=(state_shardings, replicated(self.mesh)), donate_argnums=0)
+
+        metrics_log = MetricsLog(self.run_dir, self.total_steps, start, enabled=self.is_main)
+        window, tokens, last_row, eval_row = [], 0, {}, {}
+        window_start = time.perf_counter()
+        pending = None  # (step, metrics) checked one step late so the host never stalls the device
+        try:
+            for index, batch in iterate_batches(self.train_data, start, self.total_steps):
+                state, metrics = train_step(state, ref_params, _global_batch(batch, self.batch_shardings))
+                step = index + 1
+                tokens += int(batch["segment_ids"].sum()) * jax.process_count()
+                if pending is not None:
+                    self._check_finite(*pending)
+                pending = (step, metrics)
+                window.append(metrics)
+                metrics_log.advance()
+                if step % trainer.log_every == 0 or step == self.total_steps:
+                    self._check_finite(*pending)
+                    row = _mean_rows(jax.device_get(window))
+                    row.update(step=step, epoch=step / self.steps_per_epoch,
+                               tokens_per_sec=tokens / (time.perf_counter() - window_start))
+                    metrics_log.write(row)
+                    last_row, window, tokens = row, [], 0
+                if self.eval_data is not None and trainer.eval_every and step % trainer.eval_every == 0:
+                    eval_row = {"step": step, "epoch": step / self.steps_per_epoch,
+                                **self.evaluate(state["params"], ref_params)}
+                    metrics_log.write(eval_row)
+                if trainer.save_every and step % trainer.save_every == 0:
+                    self._check_finite(*pending)
+                    store.save(step, state["params"], state["opt_state"], self.meta())
+                window_start = time.perf_counter() if not window else window_start
+            final_step = self.total_steps
+            if pending is not None:
+                self._check_finite(*pending)
+            if self.eval_data is not None and eval_row.get("step") != final_step:
+                eval_row = {"step": final_step, "epoch": final_step / self.steps_per_epoch,
+                            **self.evaluate(state["params"], ref_params)}
+                metrics_log.write(eval_row)
+            if store.latest_step() != final_step:
+                store.save(final_step, state["params"], state["opt_state"], self.meta())
+            store.wait()
+        finally:
+            metrics_log.close()
+            store.close()
+        if cfg.export.hf and self.is_main:
+            self.export(state["params"], self.run_dir / "hf")
+        return {"train": last_row, "eval": eval_row, "steps": self.total_steps, "run_dir": str(self.run_dir)}
+
+    def export(self, params: dict, out_dir: Path) -> None:
+        save_params(self.spec, components.host_params(params), out_dir, self.cfg.export.dtype)
+        self.tokenizer.save_pretrained(out_dir)
+        log.info("exported Hugging Face model to %s", out_dir)
