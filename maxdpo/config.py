@@ -195,6 +195,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def _merge_dicts(base: dict, updates: dict) -> dict:
+    """Free-form mappings (model.overrides, rules) merge key by key, so one override keeps the rest."""
+    merged = dict(base)
+    for key, value in updates.items():
+        merged[key] = (_merge_dicts(merged[key], value) if isinstance(merged.get(key), dict) and isinstance(value, dict)
+                       else value)
+    return merged
+
+
 def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
     fields = typing.get_type_hints(type(obj))
     for name, value in updates.items():
@@ -207,6 +216,8 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{key}' is a section; give it a mapping, got {value!r}")
             _apply(current, value, prefix=f"{key}.")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            setattr(obj, name, _merge_dicts(current, value))
         else:
             setattr(obj, name, _coerce(value, fields[name], key))
 

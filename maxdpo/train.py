@@ -5,6 +5,8 @@ import argparse
 import logging
 import sys
 
+from absl import logging as absl_logging
+
 from maxdpo.config import ConfigError, DEFAULT_CONFIG, load_config
 from maxdpo.data.sources import DataError
 from maxdpo.checkpoint.safetensors_io import CheckpointError
@@ -25,7 +27,9 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("maxdpo").setLevel(logging.INFO)
+    absl_logging.set_verbosity(absl_logging.WARNING)
     config, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(config, overrides)

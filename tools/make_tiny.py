@@ -1,8 +1,8 @@
 """Builds the bundled tiny assets: a word-level tokenizer and a synthetic preference dataset.
 
 Every pair has one right and one wrong answer that follow from the prompt (parity of a number, copying
-a string, the next letter, single-digit sums), so a tiny model can learn the preference and held-out
-pairs measure it. Run: `python tools/make_tiny.py [OUT_DIR]` (default: maxdpo/assets/tiny).
+a string, the next letter, single-digit sums), so a tiny model can learn the preference; the eval pairs
+are held out (no eval pair occurs in the training set). Run: `python tools/make_tiny.py [OUT_DIR]` (default: maxdpo/assets/tiny).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def parity_pair(rng: random.Random) -> dict:
 
 
 def copy_pair(rng: random.Random) -> dict:
-    letters = [rng.choice(LETTERS) for _ in range(rng.randint(2, 6))]
+    letters = [rng.choice(LETTERS) for _ in range(rng.randint(2, 4))]
     corrupted = list(letters)
     position = rng.randrange(len(letters))
     corrupted[position] = rng.choice([c for c in LETTERS if c != letters[position]])
@@ -63,9 +63,15 @@ def addition_pair(rng: random.Random) -> dict:
 TASKS = (parity_pair, copy_pair, next_letter_pair, addition_pair)
 
 
-def make_pairs(count: int, seed: int) -> list[dict]:
+def make_pairs(count: int, seed: int, exclude: frozenset = frozenset()) -> list[dict]:
+    """`count` pairs, the tasks in turn, none of whose (prompt, chosen, rejected) is in `exclude`."""
     rng = random.Random(seed)
-    return [TASKS[i % len(TASKS)](rng) for i in range(count)]
+    pairs = []
+    while len(pairs) < count:
+        pair = TASKS[len(pairs) % len(TASKS)](rng)
+        if tuple(pair.values()) not in exclude:
+            pairs.append(pair)
+    return pairs
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -83,8 +89,9 @@ def main() -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer().save_pretrained(out / "tokenizer")
-    write_jsonl(out / "train.jsonl", make_pairs(args.train, seed=0))
-    write_jsonl(out / "eval.jsonl", make_pairs(args.eval, seed=1))
+    train = make_pairs(args.train, seed=0)
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "eval.jsonl", make_pairs(args.eval, seed=1, exclude=frozenset(tuple(r.values()) for r in train)))
     print(f"wrote tokenizer, {args.train} train and {args.eval} eval pairs to {out}")
 
 

@@ -1,0 +1,63 @@
+"""`python -m maxdpo.export SRC OUT [--dtype bfloat16]`: a run folder or checkpoint -> Hugging Face folder.
+
+SRC is a run folder (its newest checkpoint), its `checkpoints/` folder, or one `checkpoints/<step>`.
+OUT gets config.json, safetensors shards and, when the run's tokenizer is found, the tokenizer files.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import jax
+
+from maxdpo.checkpoint.hf import save_params
+from maxdpo.checkpoint.safetensors_io import CheckpointError
+from maxdpo.checkpoint.state import CheckpointStore, find_checkpoint, spec_from_meta
+from maxdpo.config import ConfigError, from_dict
+from maxdpo.components import abstract_model, load_tokenizer
+
+log = logging.getLogger("maxdpo")
+
+
+def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
+    directory, step = find_checkpoint(source)
+    store = CheckpointStore(directory)
+    try:
+        meta = store.read_meta(step)
+        spec = spec_from_meta(meta["model"])
+        _, abstract, _ = abstract_model(spec)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
+        params = store.restore(step, target)["params"]
+    finally:
+        store.close()
+    cfg = from_dict(meta["config"])
+    out = save_params(spec, jax.tree.map(jax.device_get, params), out_dir, dtype or cfg.export.dtype)
+    try:
+        load_tokenizer(cfg).save_pretrained(out)
+    except (ConfigError, OSError) as err:
+        log.warning("tokenizer not exported: %s", err)
+    log.info("exported step %d of %s to %s", step, directory, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    parser = argparse.ArgumentParser(prog="python -m maxdpo.export", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="run folder, checkpoints folder or checkpoints/<step>")
+    parser.add_argument("out", help="output folder for the Hugging Face model")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    args = parser.parse_args(argv)
+    try:
+        export_checkpoint(args.source, args.out, args.dtype)
+    except (FileNotFoundError, CheckpointError, ConfigError) as err:
+        print(f"maxdpo: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
