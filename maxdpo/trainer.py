@@ -47,11 +47,13 @@ def _mean_rows(window: list[dict]) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    """One DPO run; `devices` (default: all) lets tests place the same run on a smaller mesh."""
+
+    def __init__(self, cfg: Config, devices: list[jax.Device] | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir).absolute()
         self.is_main = jax.process_index() == 0
-        self.mesh = make_mesh(cfg.mesh)
+        self.mesh = make_mesh(cfg.mesh, devices)
         self.rules = cfg.mesh.logical_axis_rules
         trainer = cfg.trainer
         micro = trainer.micro_batch_size or trainer.batch_size

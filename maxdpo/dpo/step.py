@@ -108,7 +108,7 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
         grads = jax.tree.map(lambda g: g / sums["pairs"], grad_sums)  # gradient of the mean loss over pairs
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         metrics = finalize_metrics(sums)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state["step"])
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}

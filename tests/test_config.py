@@ -1,0 +1,51 @@
+"""Config: YAML + dotted overrides, typed validation, errors that name the key and suggest the closest."""
+import pytest
+
+from maxdpo.config import ConfigError, load_config, parse_override, valid_keys
+
+
+def test_default_config_resolves():
+    cfg = load_config()
+    assert cfg.model.family == "llama"
+    assert cfg.data.train.startswith("bundled:")
+    assert cfg.mesh.logical_axis_rules["heads"] == ["tensor"]  # from base.yaml
+
+
+def test_overrides_are_typed_and_merge_into_mappings():
+    cfg = load_config(None, ["trainer.max_steps=7", "optimizer.learning_rate=5e-7", "model.overrides.num_layers=5"])
+    assert cfg.trainer.max_steps == 7
+    assert cfg.optimizer.learning_rate == pytest.approx(5e-7)
+    assert cfg.model.overrides["num_layers"] == 5
+    assert cfg.model.overrides["hidden_size"] == 128  # the rest of the mapping is kept
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer.bath_size'.*trainer.batch_size"):
+        load_config(None, ["trainer.bath_size=4"])
+    with pytest.raises(ConfigError, match=r"'optimiser'.*'optimizer'"):
+        load_config(None, ["optimiser.learning_rate=1"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.batch_size=four", "trainer.batch_size' must be an integer"),
+    ("dpo.beta=0", "dpo.beta' must be > 0"),
+    ("dpo.label_smoothing=0.5", "label_smoothing"),
+    ("dpo.loss=nope", "dpo.loss' must be one of"),
+    ("trainer.micro_batch_size=5", "must divide trainer.batch_size"),
+    ("model.scan_layers=maybe", "true or false"),
+])
+def test_bad_values_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_override_parsing_and_key_list():
+    assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("trainer.max_steps")
+    assert "data.columns.chosen" in valid_keys()
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))

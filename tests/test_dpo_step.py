@@ -1,0 +1,122 @@
+"""The DPO step against TRL's formulas computed in torch on the same transformers models."""
+import jax
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+from transformers import AutoTokenizer
+
+import maxdpo
+from hf_models import tiny_llama
+from maxdpo.config import ColumnsConfig, OptimizerConfig
+from maxdpo.data.loader import collate
+from maxdpo.data.sources import resolve_path
+from maxdpo.data.tokenize import PairTokenizer, tokenize_rows
+from maxdpo.dpo.losses import sigmoid_loss
+from maxdpo.dpo.optim import make_optimizer
+from maxdpo.dpo.step import LossSettings, make_train_step
+
+ROWS = [
+    {"prompt": "add 1 + 2 =", "chosen": " 3", "rejected": " 4"},
+    {"prompt": "copy a b c :", "chosen": " a b c", "rejected": " a b"},
+    {"prompt": "parity of 7 ?", "chosen": " odd", "rejected": " even"},
+    {"prompt": "next after a ?", "chosen": " b", "rejected": " z y"},
+]
+BETA, SMOOTHING = 0.3, 0.1
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("models")
+    policy_hf = tiny_llama(tmp / "policy", seed=0)
+    ref_hf = tiny_llama(tmp / "ref", seed=1)  # a different reference model
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path("bundled:tiny/tokenizer"))
+    pairs, _ = tokenize_rows(ROWS, PairTokenizer(tokenizer, 32, 16), ColumnsConfig(), "inline")
+    batch = collate(pairs, tokenizer.pad_token_id, [16, 32], len(pairs))
+    return policy_hf, ref_hf, tmp, batch
+
+
+def _params(path):
+    model = maxdpo.load_pretrained(path)
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def trl_reference(policy_hf, ref_hf, batch):
+    """TRL's concatenated forward, logps, sigmoid loss and logged metrics, in torch."""
+    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    pairs, _, seq = ids.shape
+    concat = torch.cat([ids[:, 0], ids[:, 1]])  # TRL: chosen rows, then rejected rows
+    attention = torch.tensor(np.concatenate([batch["segment_ids"][:, 0], batch["segment_ids"][:, 1]]))
+    loss_mask = torch.tensor(np.concatenate([batch["completion_mask"][:, 0], batch["completion_mask"][:, 1]]))
+    labels, loss_mask = concat[:, 1:], loss_mask[:, 1:].bool()
+
+    def forward(model):
+        logits = model(input_ids=concat, attention_mask=attention).logits[:, :-1]
+        per_token = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(2)).squeeze(2)
+        return (per_token * loss_mask).sum(-1), logits
+
+    with torch.no_grad():
+        ref_logps, _ = forward(ref_hf)
+    policy_hf.zero_grad()
+    logps, logits = forward(policy_hf)
+    pc, pr, rc, rr = logps[:pairs], logps[pairs:], ref_logps[:pairs], ref_logps[pairs:]
+    h = (pc - pr) - (rc - rr)
+    losses = -F.logsigmoid(BETA * h) * (1 - SMOOTHING) - F.logsigmoid(-BETA * h) * SMOOTHING
+    losses.mean().backward()
+    grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in policy_hf.parameters() if p.grad is not None))
+    chosen_rewards, rejected_rewards = BETA * (pc - rc).detach(), BETA * (pr - rr).detach()
+    return {
+        "loss": losses.mean().item(),
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "logps/chosen": pc.mean().item(),
+        "logps/rejected": pr.mean().item(),
+        "logits/chosen": logits[:pairs][loss_mask[:pairs]].mean().item(),
+        "logits/rejected": logits[pairs:][loss_mask[pairs:]].mean().item(),
+        "grad_norm": grad_norm.item(),
+    }
+
+
+def _step(graphdef, params, ref_params, batch, num_micro, tx_and_schedule=None):
+    tx, schedule = tx_and_schedule or make_optimizer(OptimizerConfig(learning_rate=1e-2, weight_decay=0.01), 10)
+    step = jax.jit(make_train_step(graphdef, LossSettings("sigmoid", BETA, SMOOTHING), tx, schedule, num_micro))
+    state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params)}
+    return step(state, ref_params, batch)
+
+
+def test_metrics_equal_trl_definitions(setup):
+    policy_hf, ref_hf, tmp, batch = setup
+    graphdef, params = _params(tmp / "policy")
+    _, ref_params = _params(tmp / "ref")
+    _, metrics = _step(graphdef, params, ref_params, batch, num_micro=1)
+    expected = trl_reference(policy_hf, ref_hf, batch)
+    assert 0 < expected["rewards/accuracies"] < 1  # the reference really differs
+    for name, value in expected.items():
+        assert float(metrics[name]) == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    assert float(metrics["learning_rate"]) == pytest.approx(1e-2)
+
+
+def test_gradient_accumulation_equals_full_batch(setup):
+    _, _, tmp, batch = setup
+    graphdef, params = _params(tmp / "policy")
+    _, ref_params = _params(tmp / "ref")
+    sgd = (optax.sgd(1.0), optax.constant_schedule(1.0))  # the update is the gradient itself
+    full_state, full = _step(graphdef, params, ref_params, batch, num_micro=1, tx_and_schedule=sgd)
+    micro_state, micro = _step(graphdef, params, ref_params, batch, num_micro=2, tx_and_schedule=sgd)
+    for name in full:
+        np.testing.assert_allclose(micro[name], full[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 micro_state["params"], full_state["params"])
+
+
+def test_sigmoid_loss_formula():
+    h = np.array([-2.0, 0.0, 3.0], np.float32)
+    zeros = np.zeros_like(h)
+    got = sigmoid_loss(h, zeros, zeros, zeros, beta=0.5, label_smoothing=0.2)
+    expected = -np.log(1 / (1 + np.exp(-0.5 * h))) * 0.8 - np.log(1 / (1 + np.exp(0.5 * h))) * 0.2
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
