@@ -164,6 +164,19 @@ CHOICES = {
 }
 
 
+# Keys of the contract whose features have not landed yet: only the inert value is accepted, so a
+# setting is never silently ignored.
+NOT_YET_SUPPORTED = {
+    "reference.precompute": False,
+    "data.chat_template": "auto",
+    "data.system_prompt": None,
+    "dpo.sft_weight": 0.0,
+    "dpo.router_aux_coef": 0.0,
+    "freeze.trainable": [],
+    "freeze.frozen": [],
+}
+
+
 def _closest(key: str, valid: list[str]) -> str:
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
     return f" (did you mean '{match[0]}'?)" if match else ""
@@ -216,6 +229,8 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{key}' is a section; give it a mapping, got {value!r}")
             _apply(current, value, prefix=f"{key}.")
+        elif isinstance(current, dict) and value is None:
+            setattr(obj, name, {})  # `key=null` clears a mapping
         elif isinstance(current, dict) and isinstance(value, dict):
             setattr(obj, name, _merge_dicts(current, value))
         else:
@@ -272,12 +287,19 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError(f"config file not found: {name} (nor a bundled config of that name)")
 
 
+def _value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+        if _value(cfg, key) not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {_value(cfg, key)!r}")
+    for key, inert in NOT_YET_SUPPORTED.items():
+        if _value(cfg, key) != inert:
+            raise ConfigError(f"config key '{key}' = {_value(cfg, key)!r} is not supported in this version "
+                              f"(leave it at {inert!r})")
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"config key 'dpo.beta' must be > 0, got {cfg.dpo.beta}")
     if not 0.0 <= cfg.dpo.label_smoothing < 0.5:

@@ -8,9 +8,21 @@ from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 
+def drop_rows_after(path: Path, step: int) -> None:
+    """On resume, rows logged after the restored checkpoint are dropped: they will be logged again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True):
         self.enabled = enabled
+        if enabled:
+            drop_rows_after(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard")) if enabled else None
         self.bar = tqdm(total=total_steps, initial=start_step, desc="dpo", dynamic_ncols=True, disable=not enabled)

@@ -17,6 +17,7 @@ def test_overrides_are_typed_and_merge_into_mappings():
     assert cfg.optimizer.learning_rate == pytest.approx(5e-7)
     assert cfg.model.overrides["num_layers"] == 5
     assert cfg.model.overrides["hidden_size"] == 128  # the rest of the mapping is kept
+    assert load_config(None, ["model.overrides=null"]).model.overrides == {}
 
 
 def test_unknown_key_names_closest():
@@ -33,6 +34,8 @@ def test_unknown_key_names_closest():
     ("dpo.loss=nope", "dpo.loss' must be one of"),
     ("trainer.micro_batch_size=5", "must divide trainer.batch_size"),
     ("model.scan_layers=maybe", "true or false"),
+    ("reference.precompute=true", "'reference.precompute' = True is not supported in this version"),
+    ("freeze.trainable=[embed]", "'freeze.trainable'.*not supported"),
 ])
 def test_bad_values_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):
