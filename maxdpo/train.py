@@ -11,8 +11,9 @@ from maxdpo.config import ConfigError, DEFAULT_CONFIG, load_config
 from maxdpo.data.sources import DataError
 from maxdpo.checkpoint.safetensors_io import CheckpointError
 from maxdpo.distributed import maybe_initialize_distributed
+from maxdpo.trainer import NonFiniteLossError, Trainer
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, FileNotFoundError, FileExistsError)
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -34,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config, overrides)
         maybe_initialize_distributed()
-        from maxdpo.trainer import Trainer  # after distributed init: jax must not see devices before it
         summary = Trainer(cfg).train()
     except USER_ERRORS as err:
         print(f"maxdpo: error: {err}", file=sys.stderr)

@@ -26,7 +26,7 @@ log = logging.getLogger("maxdpo")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; the message names the step and batch."""
+    """The loss or the gradient became NaN or inf; the message names the step and batch."""
 
 
 def _write_config_atomically(cfg: Config, run_dir: Path) -> None:
@@ -120,12 +120,14 @@ class Trainer:
         return {f"eval_{k}": float(v) for k, v in finalize_metrics(jax.device_get(totals)).items()}
 
     def _check_finite(self, step: int, metrics: dict) -> None:
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
+        """Raises when step `step` produced a non-finite loss or gradient (its update is then never saved)."""
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             epoch, index = divmod(step - 1, self.steps_per_epoch)
             raise NonFiniteLossError(
-                f"loss is {loss} at step {step} (batch {index} of epoch {epoch}, global batch index {step - 1}); "
-                f"stopping, the checkpoints in {self.run_dir / 'checkpoints'} are untouched")
+                f"loss is {loss} (grad_norm {grad_norm}) at step {step}, batch {index} of epoch {epoch} "
+                f"(global batch index {step - 1}); stopping, the checkpoints in {self.run_dir / 'checkpoints'} "
+                "are untouched")
 
     def train(self) -> dict:
         cfg, trainer = self.cfg, self.cfg.trainer

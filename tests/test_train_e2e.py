@@ -138,3 +138,16 @@ def test_resume_continues_exactly(tmp_path):
     ids = np.arange(16)[None]
     np.testing.assert_array_equal(np.asarray(maxdpo.load_pretrained(resumed / "hf")(ids)),
                                   np.asarray(maxdpo.load_pretrained(tmp_path / "whole" / "hf")(ids)))
+
+
+def test_non_finite_loss_stops_and_keeps_good_checkpoints(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["trainer.max_steps=6", "trainer.batch_size=8", "trainer.save_every=1", "data.eval=null",
+            "optimizer.learning_rate=1e30", "optimizer.max_grad_norm=0", f"run.output_dir={run_dir}"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "at step" in err and "batch" in err and "checkpoints" in err
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < 6 and not (run_dir / "hf").exists()
+    bad_step = int(err.split("at step ")[1].split(",")[0])
+    assert max(saved) < bad_step
