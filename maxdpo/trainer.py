@@ -68,6 +68,8 @@ class Trainer:
         self.tokenizer = components.load_tokenizer(cfg)
         self.spec = components.build_spec(cfg)
         components.check_vocab(self.spec, self.tokenizer)
+        log.info("model: %s, %.2fM parameters, %d layers; mesh %s", self.spec.family, self.spec.num_params() / 1e6,
+                 self.spec.num_layers, dict(self.mesh.shape))
         plan = components.batch_plan(cfg, self.tokenizer)
         self.train_data = batched_dataset(components.tokenize_source(cfg.data.train, cfg, self.tokenizer), plan)
         self.steps_per_epoch = len(self.train_data) // trainer.epochs

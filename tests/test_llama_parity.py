@@ -70,3 +70,10 @@ def test_legacy_config_spelling(tmp_path):
     config_file.write_text(json.dumps(config))
     ids = _ids()
     assert np.abs(np.asarray(maxdpo.load_pretrained(tmp_path)(ids)) - hf_logits(hf, ids)).max() < TOL
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_count(tmp_path, tied):
+    hf = tiny_llama(tmp_path, tie_word_embeddings=tied)
+    model = maxdpo.load_pretrained(tmp_path)
+    assert model.spec.num_params() == sum(p.numel() for p in hf.parameters())
