@@ -20,8 +20,8 @@ from maxdpo.data.sources import DataError, load_rows, resolve_path
 from maxdpo.data.tokenize import PairTokenizer, TokenizedPair, tokenize_rows
 from maxdpo.models.registry import get_family
 from maxdpo.models.spec import ModelSpec
-from maxdpo.models.transformer import Transformer
-from maxdpo.sharding import logical_axes_of, tree_shardings
+from maxdpo.models.transformer import Transformer, abstract_model
+from maxdpo.sharding import tree_shardings
 
 log = logging.getLogger("maxdpo")
 
@@ -59,12 +59,6 @@ def load_tokenizer(cfg: Config):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def abstract_model(spec: ModelSpec):
-    """(graphdef, abstract params, logical axes) without allocating anything."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(0))))
-    return graphdef, nnx.to_pure_dict(state), logical_axes_of(state)
 
 
 def param_shardings(spec: ModelSpec, mesh: Mesh, rules: dict):

@@ -16,7 +16,8 @@ from maxdpo.checkpoint.hf import save_params
 from maxdpo.checkpoint.safetensors_io import CheckpointError
 from maxdpo.checkpoint.state import CheckpointStore, find_checkpoint, spec_from_meta
 from maxdpo.config import ConfigError, from_dict
-from maxdpo.components import abstract_model, load_tokenizer
+from maxdpo.components import load_tokenizer
+from maxdpo.models.transformer import abstract_model
 
 log = logging.getLogger("maxdpo")
 

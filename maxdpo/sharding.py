@@ -11,7 +11,6 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -65,13 +64,6 @@ def logical_to_spec(axes: Sequence[Optional[str]], rules: dict, mesh: Mesh,
         used.update(targets)
         spec.append(None if not targets else targets[0] if len(targets) == 1 else tuple(targets))
     return PartitionSpec(*spec)
-
-
-def logical_axes_of(module_state: nnx.State) -> dict:
-    """Nested dict of each parameter's `logical_axes` metadata."""
-    def axes(variable):
-        return variable.get_metadata().get("logical_axes")
-    return nnx.to_pure_dict(jax.tree.map(axes, module_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def tree_shardings(abstract_tree, axes_tree, rules: dict, mesh: Mesh):

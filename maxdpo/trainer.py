@@ -13,9 +13,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from maxdpo import components
-from maxdpo.checkpoint.hf import save_params
+from maxdpo.checkpoint.hf import save_params, spec_from_pretrained
 from maxdpo.checkpoint.state import CheckpointStore, abstract_like, spec_to_meta
 from maxdpo.config import Config, ConfigError, save_config, to_dict
+from maxdpo.data.sources import resolve_path
 from maxdpo.data.loader import batched_dataset, eval_dataset, iterate_batches, iterate_eval_batches
 from maxdpo.dpo.optim import make_optimizer
 from maxdpo.dpo.step import LossSettings, finalize_metrics, make_eval_step, make_train_step
@@ -96,8 +97,8 @@ class Trainer:
 
     def reference_params(self, initial: dict) -> dict:
         if self.cfg.reference.path:
-            ref_spec = components.spec_from_pretrained(components.resolve_path(self.cfg.reference.path),
-                                                       **components.runtime_options(self.cfg))[1]
+            ref_spec = spec_from_pretrained(resolve_path(self.cfg.reference.path),
+                                            **components.runtime_options(self.cfg))[1]
             if spec_to_meta(ref_spec) != spec_to_meta(self.spec):
                 raise ConfigError(f"reference.path {self.cfg.reference.path} has a different architecture than the policy")
             return components.load_sharded_params(self.cfg.reference.path, self.spec, self.param_shardings)

@@ -20,7 +20,7 @@ from maxdpo.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, w
 from maxdpo.models.family import Family, ParamEntry
 from maxdpo.models.registry import family_for_model_type, get_family
 from maxdpo.models.spec import ModelSpec
-from maxdpo.models.transformer import Transformer
+from maxdpo.models.transformer import Transformer, abstract_model
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -44,12 +44,6 @@ def spec_from_pretrained(path: str | os.PathLike, **runtime) -> tuple[Family, Mo
     config = read_hf_config(path)
     family = family_for_model_type(config.get("model_type"), str(Path(path) / "config.json"))
     return family, ModelSpec(family=family.name, **family.spec_from_hf(config), **runtime)
-
-
-def abstract_params(spec: ModelSpec) -> dict:
-    """Nested dict of jax.ShapeDtypeStruct for every parameter (nothing allocated)."""
-    model = nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(0)))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def _get_path(tree: dict, path: tuple[str, ...]):
@@ -94,7 +88,7 @@ def load_params(path: str | os.PathLike, spec: ModelSpec, family: Family) -> dic
     path = Path(path)
     locations = _tensor_locations(path)
     opened: dict[Path, SafetensorsFile] = {}
-    shapes = abstract_params(spec)
+    shapes = abstract_model(spec)[1]
     params: dict = {}
     for entry in family.param_entries(spec):
         target = _get_path(shapes, entry.path)
@@ -129,8 +123,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", param_dtype
     """A Transformer with the weights of the HF folder `path` (family from its config.json)."""
     family, spec = spec_from_pretrained(path, dtype=to_dtype(dtype), param_dtype=to_dtype(param_dtype), **runtime)
     params = load_params(path, spec, family)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(0))))
-    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(abstract_model(spec)[0], jax.tree.map(jnp.asarray, params))
 
 
 def hf_config_dict(spec: ModelSpec, family: Family, dtype) -> dict:
@@ -154,7 +147,7 @@ def save_params(spec: ModelSpec, params: dict, out_dir: str | os.PathLike, dtype
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(to_dtype(dtype) or spec.param_dtype)
-    shapes = abstract_params(spec)
+    shapes = abstract_model(spec)[1]
     sizes = []  # plan shards from shapes alone
     for entry in family.param_entries(spec):
         shape = _get_path(shapes, entry.path).shape

@@ -77,3 +77,16 @@ class Transformer(nnx.Module):
         x = self.final_norm(x)
         head = embed.T if spec.tie_word_embeddings else self.lm_head[...]  # [D, V]
         return jnp.einsum("BTD,DV->BTV", x, head.astype(spec.dtype), preferred_element_type=jnp.float32)
+
+
+def logical_axes_of(state: nnx.State) -> dict:
+    """Nested dict of each parameter's `logical_axes` metadata."""
+    def axes(variable):
+        return variable.get_metadata().get("logical_axes")
+    return nnx.to_pure_dict(jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def abstract_model(spec: ModelSpec) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, params as ShapeDtypeStructs, each parameter's logical axes), allocating nothing."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(0))))
+    return graphdef, nnx.to_pure_dict(state), logical_axes_of(state)
