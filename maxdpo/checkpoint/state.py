@@ -55,7 +55,7 @@ class CheckpointStore:
 
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None) -> dict:
         """Restores params (and opt_state when its abstract tree is given) with their shardings."""
-        items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
+        items = {"params": ocp.args.StandardRestore(abstract_params)}
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         return dict(self.manager.restore(step, args=ocp.args.Composite(**items)).items())

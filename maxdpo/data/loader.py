@@ -59,26 +59,26 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+def _collate_fn(plan: BatchPlan):
+    buckets = bucket_lengths(plan.max_length)
+    return lambda items: collate(list(items), plan.pad_id, buckets, plan.batch_size)
+
+
 def batched_dataset(pairs: list[TokenizedPair], plan: BatchPlan) -> grain.MapDataset:
     """Random-access dataset of global batches, epoch after epoch (each epoch drops its last partial batch)."""
     if len(pairs) < plan.batch_size:
         raise ValueError(f"{len(pairs)} pairs cannot fill one batch of {plan.batch_size}")
-    buckets = bucket_lengths(plan.max_length)
     source = grain.MapDataset.source(pairs)
     epochs = []
     for epoch in range(plan.epochs):
         ordered = source.shuffle(seed=epoch_seed(plan.seed, epoch)) if plan.shuffle else source
-        epochs.append(ordered.batch(plan.batch_size, drop_remainder=True,
-                                    batch_fn=lambda items: collate(list(items), plan.pad_id, buckets, plan.batch_size)))
+        epochs.append(ordered.batch(plan.batch_size, drop_remainder=True, batch_fn=_collate_fn(plan)))
     return grain.MapDataset.concatenate(epochs)
 
 
 def eval_dataset(pairs: list[TokenizedPair], plan: BatchPlan) -> grain.MapDataset:
     """Every pair once, in order; the last batch is completed with masked filler pairs."""
-    buckets = bucket_lengths(plan.max_length)
-    return grain.MapDataset.source(pairs).batch(
-        plan.batch_size, drop_remainder=False,
-        batch_fn=lambda items: collate(list(items), plan.pad_id, buckets, plan.batch_size))
+    return grain.MapDataset.source(pairs).batch(plan.batch_size, drop_remainder=False, batch_fn=_collate_fn(plan))
 
 
 def process_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
