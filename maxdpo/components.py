@@ -28,7 +28,8 @@ log = logging.getLogger("maxdpo")
 
 def runtime_options(cfg: Config) -> dict:
     return dict(dtype=to_dtype(cfg.model.dtype), param_dtype=to_dtype(cfg.model.param_dtype),
-                attention=cfg.model.attention, remat=cfg.model.remat, scan_layers=cfg.model.scan_layers)
+                attention=cfg.model.attention, moe_impl=cfg.model.moe_impl, remat=cfg.model.remat,
+                scan_layers=cfg.model.scan_layers)
 
 
 def build_spec(cfg: Config) -> ModelSpec:
@@ -41,11 +42,18 @@ def build_spec(cfg: Config) -> ModelSpec:
         if cfg.model.overrides:
             raise ConfigError("model.overrides applies to random init only; remove it or set model.path: null")
         return spec
-    spec = dataclasses.replace(get_family(cfg.model.family).default_spec, **runtime)
-    unknown = set(cfg.model.overrides) - set(ModelSpec.ARCHITECTURE_FIELDS)
+    family = get_family(cfg.model.family)
+    spec = dataclasses.replace(family.default_spec, **runtime)
+    overrides = dict(cfg.model.overrides)
+    unknown = set(overrides) - set(ModelSpec.ARCHITECTURE_FIELDS)
     if unknown:
         raise ConfigError(f"unknown key(s) in model.overrides: {sorted(unknown)}; valid: {list(ModelSpec.ARCHITECTURE_FIELDS)}")
-    return spec.replace(**cfg.model.overrides)
+    if family.default_layer_types and "layer_types" not in overrides:
+        overrides["layer_types"] = family.default_layer_types(overrides.get("num_layers", spec.num_layers))
+    try:
+        return spec.replace(**overrides)
+    except ValueError as err:
+        raise ConfigError(f"model.overrides: {err}") from err
 
 
 def load_tokenizer(cfg: Config):

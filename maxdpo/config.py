@@ -148,11 +148,11 @@ class Config:
 
 
 CHOICES = {
-    "model.family": ("llama",),
+    "model.family": ("llama", "mistral", "mixtral", "gemma", "gemma2"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("xla",),
-    "model.moe_impl": ("dense",),
+    "model.moe_impl": ("dense", "ragged"),
     "model.remat": ("none", "dots", "full"),
     "data.format": ("auto", "plain"),
     "data.truncation": ("keep_start", "keep_end"),

@@ -42,8 +42,14 @@ def read_hf_config(path: str | os.PathLike) -> dict:
 def spec_from_pretrained(path: str | os.PathLike, **runtime) -> tuple[Family, ModelSpec]:
     """The family and ModelSpec described by `path/config.json`; `runtime` sets dtype, remat, etc."""
     config = read_hf_config(path)
-    family = family_for_model_type(config.get("model_type"), str(Path(path) / "config.json"))
-    return family, ModelSpec(family=family.name, **family.spec_from_hf(config), **runtime)
+    source = Path(path) / "config.json"
+    try:
+        family = family_for_model_type(config.get("model_type"), str(source))
+        return family, ModelSpec(family=family.name, **family.spec_from_hf(config), **runtime)
+    except KeyError as err:
+        raise CheckpointError(f"{source} lacks the key {err} that a '{config.get('model_type')}' model needs") from err
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}" if str(source) not in str(err) else str(err)) from err
 
 
 def _get_path(tree: dict, path: tuple[str, ...]):
@@ -93,8 +99,8 @@ def load_params(path: str | os.PathLike, spec: ModelSpec, family: Family) -> dic
     for entry in family.param_entries(spec):
         target = _get_path(shapes, entry.path)
         array = np.empty(target.shape, target.dtype)
-        for layer in range(spec.num_layers) if entry.stacked else [None]:
-            name = entry.hf_name.format(layer=layer)
+        per_tensor_shape = target.shape[len(entry.indexed_axes):]
+        for index, name in entry.tensors(spec):
             if name not in locations:
                 raise CheckpointError(f"tensor '{name}' is missing from the checkpoint in {path}")
             file = locations[name]
@@ -103,17 +109,12 @@ def load_params(path: str | os.PathLike, spec: ModelSpec, family: Family) -> dic
                     raise CheckpointError(f"shard {file} named in {path / INDEX_FILE} does not exist")
                 opened[file] = SafetensorsFile(file)
             tensor = opened[file].get(name)
-            per_layer_shape = target.shape[1:] if entry.stacked else target.shape
-            expected = math.prod(per_layer_shape)
-            if tensor.size != expected or (entry.linear_in_ndim is None and tensor.shape != per_layer_shape):
+            if tensor.size != math.prod(per_tensor_shape) or (
+                    entry.linear_in_ndim is None and tensor.shape != per_tensor_shape):
                 raise CheckpointError(
                     f"tensor '{name}' in {file} has shape {tuple(tensor.shape)}, which does not fit "
-                    f"{per_layer_shape} for {family.name} with this config.json")
-            converted = _hf_to_ours(entry, np.asarray(tensor, dtype=target.dtype), per_layer_shape)
-            if entry.stacked:
-                array[layer] = converted
-            else:
-                array[...] = converted
+                    f"{per_tensor_shape} for {family.name} with this config.json")
+            array[index] = _hf_to_ours(entry, np.asarray(tensor, dtype=target.dtype), per_tensor_shape)
         _set_path(params, entry.path, array)
     return params
 
@@ -135,9 +136,8 @@ def _hf_tensors(spec: ModelSpec, family: Family, params: dict, dtype):
     """Yields (hf_name, numpy array) one tensor at a time."""
     for entry in family.param_entries(spec):
         array = _get_path(params, entry.path)
-        for layer in range(spec.num_layers) if entry.stacked else [None]:
-            value = array[layer] if entry.stacked else array
-            yield entry.hf_name.format(layer=layer), _ours_to_hf(entry, np.asarray(value).astype(dtype))
+        for index, name in entry.tensors(spec):
+            yield name, _ours_to_hf(entry, np.asarray(array[index]).astype(dtype))
 
 
 def save_params(spec: ModelSpec, params: dict, out_dir: str | os.PathLike, dtype: Optional[str] = None,
@@ -151,8 +151,8 @@ def save_params(spec: ModelSpec, params: dict, out_dir: str | os.PathLike, dtype
     sizes = []  # plan shards from shapes alone
     for entry in family.param_entries(spec):
         shape = _get_path(shapes, entry.path).shape
-        per_layer = math.prod(shape[1:] if entry.stacked else shape) * np_dtype.itemsize
-        sizes += [per_layer] * (spec.num_layers if entry.stacked else 1)
+        tensors = entry.tensors(spec)
+        sizes += [math.prod(shape) // len(tensors) * np_dtype.itemsize] * len(tensors)
     shard_of, shard, used = [], 0, 0
     for size in sizes:
         if used and used + size > max_shard_bytes:

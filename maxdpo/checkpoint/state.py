@@ -23,7 +23,7 @@ def spec_to_meta(spec: ModelSpec) -> dict:
 
 
 def spec_from_meta(meta: dict, **runtime) -> ModelSpec:
-    fields = {name: meta[name] for name in ModelSpec.ARCHITECTURE_FIELDS}
+    fields = {name: meta[name] for name in ModelSpec.ARCHITECTURE_FIELDS if name in meta}
     return ModelSpec(family=meta["family"], **fields, **runtime)
 
 

@@ -5,6 +5,7 @@ Parameters carry `logical_axes` metadata; `maxdpo.sharding` maps those names to 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -33,16 +34,28 @@ def ones_param(shape: tuple[int, ...], axes: tuple[Optional[str], ...], dtype,
     return nnx.Param(jnp.full(shape, fill, dtype), logical_axes=axes)
 
 
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
 class RMSNorm(nnx.Module):
-    """y = x / rms(x) * scale, computed in fp32 and cast back as transformers does."""
+    """y = x / rms(x) * scale in fp32, with transformers' cast order: Llama casts before scaling; Gemma
+    stores w and scales by (1 + w) in fp32 before casting."""
 
     def __init__(self, spec: ModelSpec, num_layers: Optional[int] = None):
         self.eps = spec.rms_norm_eps
-        self.scale = ones_param((spec.hidden_size,), ("embed",), spec.param_dtype, num_layers)
+        self.plus_one = spec.norm_plus_one
+        fill = 0.0 if spec.norm_plus_one else 1.0
+        self.scale = ones_param((spec.hidden_size,), ("embed",), spec.param_dtype, num_layers, fill)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
@@ -81,7 +94,7 @@ def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> ja
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with rotary positions."""
+    """Grouped-query self-attention with rotary positions; optional sliding window and logit soft-cap."""
 
     def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, num_layers: Optional[int] = None):
         d, n, k, h = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -92,7 +105,8 @@ class Attention(nnx.Module):
         self.o_proj = make_param(shape=(n, h, d), axes=("heads", "head_dim", "embed"), **init)
         self.spec = spec
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 sliding_window: Optional[int] = None) -> jax.Array:
         dtype = x.dtype
         q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dtype))  # [B, T, N, H]
         k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dtype))  # [B, T, K, H]
@@ -102,12 +116,13 @@ class Attention(nnx.Module):
         k = apply_rotary(k, positions, inv_freq)
         out = dot_product_attention(
             q, k, v, impl=self.spec.attention, q_positions=positions, kv_positions=positions,
-            q_segment_ids=segment_ids, kv_segment_ids=segment_ids, scale=self.spec.head_dim ** -0.5)
+            q_segment_ids=segment_ids, kv_segment_ids=segment_ids, scale=self.spec.attention_scale,
+            sliding_window=sliding_window, logit_softcap=self.spec.attn_logit_softcap)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dtype))  # [B, T, D]
 
 
 class GatedMLP(nnx.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU for Llama."""
+    """down(act(gate(x)) * up(x)): SwiGLU (Llama, Mistral) or GeGLU with tanh gelu (Gemma)."""
 
     def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, num_layers: Optional[int] = None):
         d, f = spec.hidden_size, spec.intermediate_size
@@ -115,9 +130,10 @@ class GatedMLP(nnx.Module):
         self.gate_proj = make_param(shape=(d, f), axes=("embed", "mlp"), **init)
         self.up_proj = make_param(shape=(d, f), axes=("embed", "mlp"), **init)
         self.down_proj = make_param(shape=(f, d), axes=("mlp", "embed"), **init)
+        self.hidden_act = spec.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
         gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(dtype))  # [B, T, F]
         up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(dtype))  # [B, T, F]
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj[...].astype(dtype))  # [B, T, D]
+        return jnp.einsum("BTF,FD->BTD", ACTIVATIONS[self.hidden_act](gate) * up, self.down_proj[...].astype(dtype))  # [B, T, D]

@@ -11,20 +11,26 @@ LLAMA3_8B = ModelSpec(
     max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001)
 
 
-def decoder_param_entries(spec: ModelSpec) -> list[ParamEntry]:
-    """The Llama naming that Mistral and others share."""
-    layer = "model.layers.{layer}"
+LAYER = "model.layers.{layer}"
+
+
+def gated_mlp_entries(prefix: str = f"{LAYER}.mlp") -> list[ParamEntry]:
+    return [ParamEntry(("layers", "mlp", "gate_proj"), f"{prefix}.gate_proj.weight", 1),
+            ParamEntry(("layers", "mlp", "up_proj"), f"{prefix}.up_proj.weight", 1),
+            ParamEntry(("layers", "mlp", "down_proj"), f"{prefix}.down_proj.weight", 1)]
+
+
+def decoder_param_entries(spec: ModelSpec, mlp_entries: list[ParamEntry] | None = None) -> list[ParamEntry]:
+    """The Llama naming that Mistral, Mixtral and Gemma share; `mlp_entries` replaces the dense MLP."""
     entries = [
         ParamEntry(("embed",), "model.embed_tokens.weight"),
-        ParamEntry(("layers", "attn_norm", "scale"), f"{layer}.input_layernorm.weight"),
-        ParamEntry(("layers", "attn", "q_proj"), f"{layer}.self_attn.q_proj.weight", 1),
-        ParamEntry(("layers", "attn", "k_proj"), f"{layer}.self_attn.k_proj.weight", 1),
-        ParamEntry(("layers", "attn", "v_proj"), f"{layer}.self_attn.v_proj.weight", 1),
-        ParamEntry(("layers", "attn", "o_proj"), f"{layer}.self_attn.o_proj.weight", 2),
-        ParamEntry(("layers", "mlp_norm", "scale"), f"{layer}.post_attention_layernorm.weight"),
-        ParamEntry(("layers", "mlp", "gate_proj"), f"{layer}.mlp.gate_proj.weight", 1),
-        ParamEntry(("layers", "mlp", "up_proj"), f"{layer}.mlp.up_proj.weight", 1),
-        ParamEntry(("layers", "mlp", "down_proj"), f"{layer}.mlp.down_proj.weight", 1),
+        ParamEntry(("layers", "attn_norm", "scale"), f"{LAYER}.input_layernorm.weight"),
+        ParamEntry(("layers", "attn", "q_proj"), f"{LAYER}.self_attn.q_proj.weight", 1),
+        ParamEntry(("layers", "attn", "k_proj"), f"{LAYER}.self_attn.k_proj.weight", 1),
+        ParamEntry(("layers", "attn", "v_proj"), f"{LAYER}.self_attn.v_proj.weight", 1),
+        ParamEntry(("layers", "attn", "o_proj"), f"{LAYER}.self_attn.o_proj.weight", 2),
+        ParamEntry(("layers", "mlp_norm", "scale"), f"{LAYER}.post_attention_layernorm.weight"),
+        *(gated_mlp_entries() if mlp_entries is None else mlp_entries),
         ParamEntry(("final_norm", "scale"), "model.norm.weight"),
     ]
     if not spec.tie_word_embeddings:
@@ -60,7 +66,8 @@ def decoder_spec_from_hf(config: dict) -> dict:
         max_position_embeddings=config.get("max_position_embeddings", 8192),
         tie_word_embeddings=config.get("tie_word_embeddings", False),
         initializer_range=config.get("initializer_range", 0.02), bos_token_id=config.get("bos_token_id"),
-        eos_token_id=config.get("eos_token_id"), pad_token_id=config.get("pad_token_id"))
+        eos_token_id=config.get("eos_token_id"), pad_token_id=config.get("pad_token_id"),
+        hidden_act=config.get("hidden_act") or "silu")
 
 
 def decoder_hf_config(spec: ModelSpec) -> dict:
@@ -76,11 +83,12 @@ def decoder_hf_config(spec: ModelSpec) -> dict:
         "max_position_embeddings": spec.max_position_embeddings,
         "tie_word_embeddings": spec.tie_word_embeddings, "initializer_range": spec.initializer_range,
         "bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id, "pad_token_id": spec.pad_token_id,
+        "hidden_act": spec.hidden_act,
     }
 
 
 def llama_hf_config(spec: ModelSpec) -> dict:
-    return {**decoder_hf_config(spec), "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+    return {**decoder_hf_config(spec), "attention_bias": False, "mlp_bias": False}
 
 
 LLAMA = Family(

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from maxdpo.models.family import Family
+from maxdpo.models.gemma import GEMMA, GEMMA2
 from maxdpo.models.llama import LLAMA
+from maxdpo.models.mistral import MISTRAL, MIXTRAL
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (LLAMA,)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (LLAMA, MISTRAL, MIXTRAL, GEMMA, GEMMA2)}
 
 
 def get_family(name: str) -> Family:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxdpo.models.layers import Attention, GatedMLP, RMSNorm, make_param
+from maxdpo.models.moe import MoE, load_balancing_loss
 from maxdpo.models.spec import ModelSpec
 
 REMAT_POLICIES = {
@@ -20,17 +21,41 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-    """x + attn(norm(x)), then + mlp(norm(x)). Built with a leading `layers` axis on every parameter."""
+    """x + attn(norm(x)), then + mlp(norm(x)); Gemma-2 also normalises each branch's output. Built with a
+    leading `layers` axis on every parameter. The MLP is a sparse MoE when `spec.num_experts` > 0."""
 
     def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, num_layers: int):
         self.attn_norm = RMSNorm(spec, num_layers)
         self.attn = Attention(spec, rngs, num_layers)
         self.mlp_norm = RMSNorm(spec, num_layers)
-        self.mlp = GatedMLP(spec, rngs, num_layers)
+        self.mlp = MoE(spec, rngs, num_layers) if spec.num_experts else GatedMLP(spec, rngs, num_layers)
+        if spec.post_norms:
+            self.post_attn_norm = RMSNorm(spec, num_layers)
+            self.post_mlp_norm = RMSNorm(spec, num_layers)
+        self.post_norms = spec.post_norms
+        self.is_moe = bool(spec.num_experts)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 sliding_window: Optional[int]) -> tuple[jax.Array, Optional[jax.Array]]:
+        """Returns (x [B, T, D], MoE balance statistics [2, E] or None)."""
+        h = self.attn(self.attn_norm(x), positions, segment_ids, sliding_window)
+        x = x + (self.post_attn_norm(h) if self.post_norms else h)
+        h = self.mlp_norm(x)
+        statistics = None
+        if self.is_moe:
+            h, statistics = self.mlp(h, segment_ids > 0)
+        else:
+            h = self.mlp(h)
+        return x + (self.post_mlp_norm(h) if self.post_norms else h), statistics
+
+
+def layer_period(windows: tuple[Optional[int], ...]) -> int:
+    """Smallest p with windows[i] == windows[i % p]: layers are scanned in groups of p (Gemma-2: 2), so each
+    layer's window is static inside the group."""
+    for period in range(1, len(windows) + 1):
+        if all(w == windows[i % period] for i, w in enumerate(windows)):
+            return period
+    return len(windows)
 
 
 class Transformer(nnx.Module):
@@ -46,24 +71,59 @@ class Transformer(nnx.Module):
             self.lm_head = make_param(rngs, (spec.hidden_size, spec.vocab_size), ("embed", "vocab"),
                                       spec.param_dtype, spec.initializer_range)
 
-    def _run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def _run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array
+                    ) -> tuple[jax.Array, list[jax.Array]]:
+        """Runs every layer; returns (x, the MoE statistics of each layer or scanned group of layers)."""
+        spec = self.spec
         graphdef, stacked = nnx.split(self.layers)
+        windows = spec.layer_windows()
 
-        def layer(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, positions, segment_ids), None
+        def make_layer(window):
+            def layer(h, layer_state):
+                return nnx.merge(graphdef, layer_state)(h, positions, segment_ids, window)
+            if spec.remat == "none":
+                return layer
+            return jax.checkpoint(layer, policy=REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
 
-        if self.spec.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.spec.remat], prevent_cse=not self.spec.scan_layers)
-        if self.spec.scan_layers:
-            return jax.lax.scan(layer, x, stacked)[0]
-        for index in range(self.spec.num_layers):
-            x = layer(x, jax.tree.map(lambda p: p[index], stacked))[0]
-        return x
+        layer_fns = {window: make_layer(window) for window in set(windows)}
+        statistics = []
 
-    def __call__(self, input_ids: jax.Array, positions: Optional[jax.Array] = None,
-                 segment_ids: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None) -> jax.Array:
-        """input_ids [B, T]; positions [B, T] (default 0..T-1); segment_ids [B, T] (0 = padding) or an
-        attention_mask [B, T] of 1/0 as in transformers. Returns logits [B, T, V] in float32."""
+        def apply(h, index, layer_state):
+            h, stats = layer_fns[windows[index]](h, layer_state)
+            return h, [] if stats is None else [stats]
+
+        if not spec.scan_layers:
+            for index in range(spec.num_layers):
+                x, stats = apply(x, index, jax.tree.map(lambda p: p[index], stacked))
+                statistics += stats
+            return x, statistics
+
+        period = layer_period(windows)
+        groups = spec.num_layers // period
+
+        def group(h, group_state):  # group_state leaves: [period, ...]
+            group_stats = []
+            for offset in range(period):
+                h, stats = apply(h, offset, jax.tree.map(lambda p: p[offset], group_state))
+                group_stats += stats
+            return h, group_stats
+
+        grouped = jax.tree.map(lambda p: p[:groups * period].reshape(groups, period, *p.shape[1:]), stacked)
+        x, scanned_stats = jax.lax.scan(group, x, grouped)
+        statistics += [jnp.sum(stats, axis=0) for stats in scanned_stats]
+        for index in range(groups * period, spec.num_layers):  # layers past the last whole group
+            x, stats = apply(x, index, jax.tree.map(lambda p: p[index], stacked))
+            statistics += stats
+        return x, statistics
+
+    def forward(self, input_ids: jax.Array, positions: Optional[jax.Array] = None,
+                segment_ids: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None
+                ) -> tuple[jax.Array, jax.Array]:
+        """(logits [B, T, V] fp32, router load-balancing loss as transformers computes it; 0 without MoE).
+
+        input_ids [B, T]; positions [B, T] (default 0..T-1); segment_ids [B, T] (0 = padding) or an
+        attention_mask [B, T] of 1/0 as in transformers.
+        """
         spec = self.spec
         batch, seq = input_ids.shape
         if positions is None:
@@ -73,10 +133,24 @@ class Transformer(nnx.Module):
                            else attention_mask.astype(jnp.int32))
         embed = self.embed[...]
         x = jnp.take(embed, input_ids, axis=0).astype(spec.dtype)  # [B, T, D]
-        x = self._run_layers(x, positions, segment_ids)
+        if spec.scale_embeddings:
+            x = x * jnp.asarray(spec.hidden_size ** 0.5, spec.dtype)
+        x, statistics = self._run_layers(x, positions, segment_ids)
         x = self.final_norm(x)
         head = embed.T if spec.tie_word_embeddings else self.lm_head[...]  # [D, V]
-        return jnp.einsum("BTD,DV->BTV", x, head.astype(spec.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(spec.dtype), preferred_element_type=jnp.float32)
+        if spec.final_logit_softcap is not None:
+            logits = jnp.tanh(logits / spec.final_logit_softcap) * spec.final_logit_softcap
+        aux_loss = jnp.zeros((), jnp.float32)
+        if statistics:
+            num_rows = jnp.sum(segment_ids > 0).astype(jnp.float32) * spec.num_layers
+            aux_loss = load_balancing_loss(sum(statistics), num_rows)
+        return logits, aux_loss
+
+    def __call__(self, input_ids: jax.Array, positions: Optional[jax.Array] = None,
+                 segment_ids: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None) -> jax.Array:
+        """Logits [B, T, V] in float32 (see `forward`)."""
+        return self.forward(input_ids, positions, segment_ids, attention_mask)[0]
 
 
 def logical_axes_of(state: nnx.State) -> dict:

@@ -1,0 +1,99 @@
+"""Sparse mixture-of-experts MLP (Mixtral): softmax router, top-k experts, renormalised weights.
+
+Two interchangeable expert computations behind `model.moe_impl`: `dense` runs every expert on every
+token and zeroes the unselected ones (the reference), `ragged` sorts the token copies by expert and runs
+`jax.lax.ragged_dot` over the groups (dropless, k/E of the dense FLOPs).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maxdpo.models.layers import ACTIVATIONS, make_param
+from maxdpo.models.spec import ModelSpec
+
+
+def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(probs [N, E] fp32, chosen experts [N, k], their weights renormalised to sum 1 [N, k] fp32)."""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    return probs, experts, weights / jnp.sum(weights, axis=-1, keepdims=True)
+
+
+def balance_statistics(probs: jax.Array, experts: jax.Array, token_mask: jax.Array) -> jax.Array:
+    """[2, E]: top-k assignments per expert and summed router probability per expert, over real tokens.
+
+    Summed over layers and turned into the Switch-Transformer loss by `load_balancing_loss`.
+    """
+    num_experts = probs.shape[-1]
+    assigned = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32), axis=1)  # [N, E]
+    return jnp.stack([token_mask @ assigned, token_mask @ probs])
+
+
+def load_balancing_loss(statistics: jax.Array, num_rows: jax.Array) -> jax.Array:
+    """transformers' `load_balancing_loss_func`: E * sum_e (assignments_e / rows) * (prob_e / rows).
+
+    statistics [2, E] summed over layers; num_rows = real tokens x layers.
+    """
+    tokens_per_expert, prob_per_expert = statistics / num_rows
+    return statistics.shape[-1] * jnp.sum(tokens_per_expert * prob_per_expert)
+
+
+def dense_experts(x, experts, weights, gate, up, down, activation: Callable) -> jax.Array:
+    """Every expert on every token. x [N, D]; experts, weights [N, k]; gate, up [E, D, F]; down [E, F, D]."""
+    num_experts = gate.shape[0]
+    combine = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32) * weights[..., None], axis=1)  # [N, E]
+    hidden = activation(jnp.einsum("ND,EDF->NEF", x, gate)) * jnp.einsum("ND,EDF->NEF", x, up)  # [N, E, F]
+    out = jnp.einsum("NEF,EFD->NED", hidden, down)  # [N, E, D]
+    return jnp.einsum("NED,NE->ND", out, combine.astype(out.dtype))
+
+
+def ragged_experts(x, experts, weights, gate, up, down, activation: Callable) -> jax.Array:
+    """Token copies sorted by expert, one `ragged_dot` per projection over the expert groups."""
+    num_tokens, top_k = experts.shape
+    num_experts = gate.shape[0]
+    flat_experts = experts.reshape(-1)  # [N*k]
+    order = jnp.argsort(flat_experts, stable=True)  # [N*k], sorted position -> (token, slot)
+    group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)  # [E]
+    tokens = x[order // top_k]  # [N*k, D]
+    hidden = (activation(jax.lax.ragged_dot(tokens, gate, group_sizes))
+              * jax.lax.ragged_dot(tokens, up, group_sizes))  # [N*k, F]
+    out = jax.lax.ragged_dot(hidden, down, group_sizes)  # [N*k, D]
+    out = out[jnp.argsort(order)].reshape(num_tokens, top_k, -1)  # [N, k, D], back to (token, slot)
+    return jnp.einsum("NKD,NK->ND", out, weights.astype(out.dtype))
+
+
+EXPERT_IMPLEMENTATIONS = {"dense": dense_experts, "ragged": ragged_experts}
+
+
+class MoE(nnx.Module):
+    """Router [D, E] and per-expert gated MLPs; returns (output [B, T, D], balance statistics [2, E])."""
+
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, num_layers: Optional[int] = None):
+        d, f, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
+        init = dict(rngs=rngs, dtype=spec.param_dtype, stddev=spec.initializer_range, num_layers=num_layers)
+        self.router = make_param(shape=(d, e), axes=("embed", None), **init)
+        self.gate_proj = make_param(shape=(e, d, f), axes=("experts", "embed", "mlp"), **init)
+        self.up_proj = make_param(shape=(e, d, f), axes=("experts", "embed", "mlp"), **init)
+        self.down_proj = make_param(shape=(e, f, d), axes=("experts", "mlp", "embed"), **init)
+        self.top_k = spec.num_experts_per_tok
+        self.hidden_act = spec.hidden_act
+        self.impl = spec.moe_impl
+
+    def __call__(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, D]; token_mask [B, T] (1 for real tokens, used by the balance statistics only)."""
+        if self.impl not in EXPERT_IMPLEMENTATIONS:
+            raise ValueError(f"unknown moe_impl {self.impl!r}; available: {sorted(EXPERT_IMPLEMENTATIONS)}")
+        batch, seq, hidden = x.shape
+        dtype = x.dtype
+        flat = x.reshape(batch * seq, hidden)  # [N, D]
+        router_logits = flat @ self.router[...].astype(dtype)  # [N, E]
+        probs, experts, weights = route(router_logits, self.top_k)
+        out = EXPERT_IMPLEMENTATIONS[self.impl](
+            flat, experts, weights, self.gate_proj[...].astype(dtype), self.up_proj[...].astype(dtype),
+            self.down_proj[...].astype(dtype), ACTIVATIONS[self.hidden_act])
+        statistics = balance_statistics(probs, experts, token_mask.reshape(-1).astype(jnp.float32))
+        return out.astype(dtype).reshape(batch, seq, hidden), statistics
