@@ -171,7 +171,6 @@ NOT_YET_SUPPORTED = {
     "data.chat_template": "auto",
     "data.system_prompt": None,
     "dpo.sft_weight": 0.0,
-    "dpo.router_aux_coef": 0.0,
     "freeze.trainable": [],
     "freeze.frozen": [],
 }
@@ -302,6 +301,8 @@ def validate(cfg: Config) -> None:
                               f"(leave it at {inert!r})")
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"config key 'dpo.beta' must be > 0, got {cfg.dpo.beta}")
+    if cfg.dpo.router_aux_coef < 0:
+        raise ConfigError(f"config key 'dpo.router_aux_coef' must be >= 0, got {cfg.dpo.router_aux_coef}")
     if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError(f"config key 'dpo.label_smoothing' must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
     if cfg.trainer.batch_size <= 0:

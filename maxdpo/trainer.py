@@ -81,7 +81,9 @@ class Trainer:
             self.eval_data = eval_dataset(components.tokenize_source(cfg.data.eval, cfg, self.tokenizer), eval_plan)
 
         self.graphdef, _, self.param_shardings = components.param_shardings(self.spec, self.mesh, self.rules)
-        settings = LossSettings(cfg.dpo.loss, cfg.dpo.beta, cfg.dpo.label_smoothing)
+        if cfg.dpo.router_aux_coef and not self.spec.num_experts:
+            raise ConfigError(f"dpo.router_aux_coef applies to MoE models; this {self.spec.family} model has no experts")
+        settings = LossSettings(cfg.dpo.loss, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.router_aux_coef)
         self.optimizer, self.schedule = make_optimizer(cfg.optimizer, self.total_steps)
         batch_dims = {"input_ids": 3, "segment_ids": 3, "completion_mask": 3, "pair_mask": 1}
         self.batch_shardings = {k: batch_sharding(self.mesh, self.rules, n) for k, n in batch_dims.items()}

@@ -9,7 +9,7 @@ from flax import nnx
 from transformers import AutoTokenizer
 
 import maxdpo
-from hf_models import tiny_llama
+from hf_models import tiny_hf, tiny_llama
 from maxdpo.config import ColumnsConfig, OptimizerConfig
 from maxdpo.data.loader import collate
 from maxdpo.data.sources import resolve_path
@@ -44,8 +44,8 @@ def _params(path):
     return graphdef, nnx.to_pure_dict(state)
 
 
-def trl_reference(policy_hf, ref_hf, batch):
-    """TRL's concatenated forward, logps, sigmoid loss and logged metrics, in torch."""
+def trl_reference(policy_hf, ref_hf, batch, aux_coef=0.0):
+    """TRL's concatenated forward, logps, sigmoid loss (+ aux_coef x the MoE router loss) and logged metrics."""
     ids = torch.tensor(batch["input_ids"], dtype=torch.long)
     pairs, _, seq = ids.shape
     concat = torch.cat([ids[:, 0], ids[:, 1]])  # TRL: chosen rows, then rejected rows
@@ -54,22 +54,24 @@ def trl_reference(policy_hf, ref_hf, batch):
     labels, loss_mask = concat[:, 1:], loss_mask[:, 1:].bool()
 
     def forward(model):
-        logits = model(input_ids=concat, attention_mask=attention).logits[:, :-1]
+        output = model(input_ids=concat, attention_mask=attention, output_router_logits=bool(aux_coef))
+        logits = output.logits[:, :-1]
         per_token = torch.gather(logits.log_softmax(-1), 2, labels.unsqueeze(2)).squeeze(2)
-        return (per_token * loss_mask).sum(-1), logits
+        return (per_token * loss_mask).sum(-1), logits, output.get("aux_loss")
 
     with torch.no_grad():
-        ref_logps, _ = forward(ref_hf)
+        ref_logps, _, _ = forward(ref_hf)
     policy_hf.zero_grad()
-    logps, logits = forward(policy_hf)
+    logps, logits, aux_loss = forward(policy_hf)
     pc, pr, rc, rr = logps[:pairs], logps[pairs:], ref_logps[:pairs], ref_logps[pairs:]
     h = (pc - pr) - (rc - rr)
     losses = -F.logsigmoid(BETA * h) * (1 - SMOOTHING) - F.logsigmoid(-BETA * h) * SMOOTHING
-    losses.mean().backward()
+    loss = losses.mean() + (aux_coef * aux_loss if aux_coef else 0.0)
+    loss.backward()
     grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in policy_hf.parameters() if p.grad is not None))
     chosen_rewards, rejected_rewards = BETA * (pc - rc).detach(), BETA * (pr - rr).detach()
-    return {
-        "loss": losses.mean().item(),
+    expected = {
+        "loss": loss.item(),
         "rewards/chosen": chosen_rewards.mean().item(),
         "rewards/rejected": rejected_rewards.mean().item(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
@@ -80,11 +82,15 @@ def trl_reference(policy_hf, ref_hf, batch):
         "logits/rejected": logits[pairs:][loss_mask[pairs:]].mean().item(),
         "grad_norm": grad_norm.item(),
     }
+    if aux_coef:
+        expected["aux_loss"] = aux_loss.item()
+    return expected
 
 
-def _step(graphdef, params, ref_params, batch, num_micro, tx_and_schedule=None):
+def _step(graphdef, params, ref_params, batch, num_micro, tx_and_schedule=None, aux_coef=0.0):
     tx, schedule = tx_and_schedule or make_optimizer(OptimizerConfig(learning_rate=1e-2, weight_decay=0.01), 10)
-    step = jax.jit(make_train_step(graphdef, LossSettings("sigmoid", BETA, SMOOTHING), tx, schedule, num_micro))
+    settings = LossSettings("sigmoid", BETA, SMOOTHING, router_aux_coef=aux_coef)
+    step = jax.jit(make_train_step(graphdef, settings, tx, schedule, num_micro))
     state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params)}
     return step(state, ref_params, batch)
 
@@ -99,6 +105,20 @@ def test_metrics_equal_trl_definitions(setup):
     for name, value in expected.items():
         assert float(metrics[name]) == pytest.approx(value, rel=1e-4, abs=1e-5), name
     assert float(metrics["learning_rate"]) == pytest.approx(1e-2)
+
+
+def test_mixtral_router_aux_loss_enters_loss_and_gradients_as_in_trl(setup, tmp_path):
+    _, _, _, batch = setup
+    policy_hf = tiny_hf(tmp_path / "policy", "mixtral", seed=0)
+    ref_hf = tiny_hf(tmp_path / "ref", "mixtral", seed=1)
+    graphdef, params = _params(tmp_path / "policy")
+    _, ref_params = _params(tmp_path / "ref")
+    _, metrics = _step(graphdef, params, ref_params, batch, num_micro=1, aux_coef=0.5)
+    expected = trl_reference(policy_hf, ref_hf, batch, aux_coef=0.5)
+    for name, value in expected.items():
+        assert float(metrics[name]) == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    _, without = _step(graphdef, params, ref_params, batch, num_micro=1)
+    assert float(metrics["loss"]) - float(without["loss"]) == pytest.approx(0.5 * expected["aux_loss"], rel=1e-5)
 
 
 def test_gradient_accumulation_equals_full_batch(setup):

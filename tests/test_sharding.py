@@ -19,11 +19,28 @@ COMMON = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.log_every=1", 
           "data.eval=null", "export.hf=false", "optimizer.learning_rate=1e-2", "optimizer.warmup_ratio=0"]
 
 
+# The bundled tiny Llama shape, changed into each family (windows shorter than the 32-token rows).
+FAMILIES = {
+    "mistral": ["model.family=mistral", "model.overrides.sliding_window=8"],
+    "mixtral": ["model.family=mixtral", "model.overrides.num_experts=4", "model.overrides.num_experts_per_tok=2",
+                "model.overrides.sliding_window=12", "dpo.router_aux_coef=0.05"],
+    "gemma": ["model.family=gemma", "model.overrides.num_kv_heads=1", "model.overrides.head_dim=24"],
+    "gemma2": ["model.family=gemma2", "model.overrides.sliding_window=8", "model.overrides.attn_logit_softcap=5.0",
+               "model.overrides.final_logit_softcap=3.0", "model.overrides.query_pre_attn_scalar=24"],
+}
+FAMILY_LAYOUTS = {
+    "data": ["mesh.data=8"],
+    "fsdp+tensor": ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"],
+    "data+expert": ["mesh.data=2", "mesh.expert=4"],
+}
+
+
 def _run(tmp_path, name, overrides, devices=None):
     cfg = load_config(None, COMMON + [f"run.output_dir={tmp_path / name}"] + overrides)
     Trainer(cfg, devices).train()
     rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    return np.array([[r["loss"], r["rewards/margins"], r["grad_norm"]] for r in rows])
+    names = ["loss", "rewards/margins", "grad_norm"] + (["aux_loss"] if "aux_loss" in rows[0] else [])
+    return np.array([[r[n] for n in names] for r in rows])
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +54,20 @@ def test_layout_matches_single_device(tmp_path, single_device, layout):
     curve = _run(tmp_path, layout, LAYOUTS[layout])
     assert curve.shape == single_device.shape == (3, 3)
     np.testing.assert_allclose(curve, single_device, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_loss_is_the_same_under_every_layout(tmp_path, family):
+    """Mixtral runs the ragged experts with experts sharded 4 ways and the dense reference elsewhere."""
+    curves = {}
+    for layout, mesh in FAMILY_LAYOUTS.items():
+        impl = ["model.moe_impl=ragged"] if layout == "data+expert" else []
+        curves[layout] = _run(tmp_path, layout, FAMILIES[family] + mesh + impl)
+    assert curves["data"].shape[0] == 3
+    assert (curves["data"].shape[1] == 4) == (family == "mixtral")  # aux_loss logged for MoE only
+    assert curves["data"][-1, 1] > 0  # it learns: chosen rewards pull ahead
+    for layout in ("fsdp+tensor", "data+expert"):
+        np.testing.assert_allclose(curves[layout], curves["data"], rtol=2e-4, atol=2e-5, err_msg=layout)
 
 
 def test_mesh_fill_and_errors():
@@ -53,3 +84,6 @@ def test_logical_rules_map_and_skip_indivisible():
     assert tuple(spec) == (None, "fsdp", "tensor", None)
     spec = logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), rules, mesh, (3, 128, 2, 16))
     assert tuple(spec) == (None, "fsdp", None, None)  # 2 kv heads do not split 4 ways
+    expert_mesh = make_mesh(load_config(None, ["mesh.data=2", "mesh.expert=4"]).mesh)
+    spec = logical_to_spec(("layers", "experts", "embed", "mlp"), rules, expert_mesh, (3, 8, 128, 256))
+    assert tuple(spec) == (None, "expert", None, None)

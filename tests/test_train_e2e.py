@@ -151,3 +151,27 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoints(tmp_path, capsys):
     assert saved and max(saved) < 6 and not (run_dir / "hf").exists()
     bad_step = int(err.split("at step ")[1].split(",")[0])
     assert max(saved) < bad_step
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mixtral", ["model.overrides.num_experts=4", "model.overrides.sliding_window=12", "model.moe_impl=ragged",
+                 "dpo.router_aux_coef=0.02"]),
+    ("gemma2", ["model.overrides.sliding_window=8", "model.overrides.query_pre_attn_scalar=24",
+                "model.overrides.attn_logit_softcap=5.0", "model.overrides.final_logit_softcap=3.0"]),
+])
+def test_other_families_train_checkpoint_and_export(tmp_path, family, overrides):
+    """A non-Llama run: checkpoints, then the final export loads in transformers with the same logits."""
+    run_dir = tmp_path / "run"
+    args = ["trainer.max_steps=4", "trainer.batch_size=8", "trainer.save_every=2", "trainer.eval_every=4",
+            f"model.family={family}", f"run.output_dir={run_dir}", *overrides]
+    assert train.main(args) == 0
+    rows = _rows(run_dir)
+    assert any("aux_loss" in r for r in rows) == (family == "mixtral")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf", attn_implementation="eager").eval()
+    assert hf.config.model_type == family
+    ids = np.random.default_rng(0).integers(3, 64, (2, 30))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(maxdpo.load_pretrained(run_dir / "hf")(ids)) - theirs).max() < 1e-4
+    assert export.main([str(run_dir / "checkpoints" / "2"), str(tmp_path / "step2")]) == 0
+    assert maxdpo.load_pretrained(tmp_path / "step2").spec == maxdpo.load_pretrained(run_dir / "hf").spec

@@ -27,18 +27,23 @@ class LossSettings:
     loss: str
     beta: float
     label_smoothing: float
+    router_aux_coef: float = 0.0  # MoE models: adds coef * router load-balancing loss to each pair's loss
 
 
 def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Forward pass over chosen and rejected rows: per-sequence logps and logit sums, each [B, 2]."""
+    """Forward pass over chosen and rejected rows: per-sequence logps and logit sums, each [B, 2]; MoE models
+    add the router load-balancing loss of the whole forward (`aux_loss`, a scalar, as transformers computes it)."""
     pairs, _, seq = batch["input_ids"].shape
     flat = {name: batch[name].reshape(pairs * 2, seq)  # [2B, T]
             for name in ("input_ids", "segment_ids", "completion_mask")}
     model = nnx.merge(graphdef, params)
-    logits = model(flat["input_ids"], segment_ids=flat["segment_ids"])  # [2B, T, V]
+    logits, aux_loss = model.forward(flat["input_ids"], segment_ids=flat["segment_ids"])  # [2B, T, V], []
     logps, logit_sums, counts = completion_logps(logits, flat["input_ids"], flat["completion_mask"])
-    return {"logps": logps.reshape(pairs, 2), "logit_sums": logit_sums.reshape(pairs, 2),
-            "counts": counts.reshape(pairs, 2)}
+    stats = {"logps": logps.reshape(pairs, 2), "logit_sums": logit_sums.reshape(pairs, 2),
+             "counts": counts.reshape(pairs, 2)}
+    if model.spec.num_experts:
+        stats["aux_loss"] = aux_loss
+    return stats
 
 
 def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair_mask: jax.Array
@@ -48,6 +53,8 @@ def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair
     ref_chosen, ref_rejected = reference["logps"][:, 0], reference["logps"][:, 1]
     losses = preference_loss(settings.loss, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                              beta=settings.beta, label_smoothing=settings.label_smoothing)  # [B]
+    if "aux_loss" in policy:
+        losses = losses + settings.router_aux_coef * policy["aux_loss"]
     chosen_rewards = settings.beta * (policy_chosen - ref_chosen)
     rejected_rewards = settings.beta * (policy_rejected - ref_rejected)
     per_pair = {
@@ -64,13 +71,15 @@ def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair
         "tokens/rejected": policy["counts"][:, 1],
         "pairs": jnp.ones_like(losses),
     }
+    if "aux_loss" in policy:
+        per_pair["aux_loss"] = jnp.broadcast_to(policy["aux_loss"], losses.shape)
     sums = {name: jnp.sum(value * pair_mask) for name, value in per_pair.items()}
     return sums["loss"], sums
 
 
 def finalize_metrics(sums: dict) -> dict:
     """Means over pairs; `logits/*` are means over all completion tokens of the batch, as TRL pools them."""
-    metrics = {name: sums[name] / sums["pairs"] for name in PAIR_METRICS}
+    metrics = {name: sums[name] / sums["pairs"] for name in PAIR_METRICS + ("aux_loss",) if name in sums}
     for side in ("chosen", "rejected"):
         metrics[f"logits/{side}"] = sums[f"logit_sums/{side}"] / jnp.maximum(sums[f"tokens/{side}"], 1.0)
     return metrics
