@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from transformers import AutoTokenizer
 
-from maxdpo.checkpoint.hf import load_params, spec_from_pretrained, to_dtype
+from maxdpo.checkpoint.hf import load_params_sharded, spec_from_pretrained, to_dtype
 from maxdpo.config import Config, ConfigError
 from maxdpo.data.loader import BatchPlan
 from maxdpo.data.sources import DataError, load_rows, resolve_path
@@ -83,8 +83,7 @@ def init_params(spec: ModelSpec, shardings, seed: int) -> dict:
 
 def load_sharded_params(path: str, spec: ModelSpec, shardings) -> dict:
     """HF weights, streamed from disk and placed tensor by tensor onto their shards."""
-    host = load_params(resolve_path(path), spec, get_family(spec.family))
-    return jax.tree.map(lambda array, sharding: jax.device_put(array, sharding), host, shardings)
+    return load_params_sharded(resolve_path(path), spec, get_family(spec.family), shardings)
 
 
 def copy_params(params: dict) -> dict:

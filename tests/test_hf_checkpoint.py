@@ -1,12 +1,17 @@
-"""Bad HF checkpoints stop with a CheckpointError that names the tensor and the file."""
+"""HF checkpoint reading: bad input names the tensor and file; sharded loading reads only what it places."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
 import maxdpo
 from hf_models import tiny_hf
+from maxdpo.checkpoint.hf import CheckpointReader, load_params, load_params_sharded, spec_from_pretrained
 from maxdpo.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from maxdpo.components import param_shardings
+from maxdpo.config import load_config
+from maxdpo.sharding import make_mesh
 
 EXPERT = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
 
@@ -68,3 +73,27 @@ def test_missing_shard_named_in_index(tmp_path):
     shard.unlink()
     with pytest.raises(CheckpointError, match=rf"shard {shard} named in .*index.json does not exist"):
         maxdpo.load_pretrained(tmp_path / "out")
+
+
+def test_sharded_load_equals_host_load_and_reads_only_needed_tensors(tmp_path):
+    mixtral_dir = tmp_path
+    tiny_hf(mixtral_dir, "mixtral", num_local_experts=4)
+    family, spec = spec_from_pretrained(mixtral_dir)
+    cfg = load_config(None, ["mesh.data=1", "mesh.expert=2", "mesh.tensor=2", "mesh.fsdp=2"])
+    _, _, shardings = param_shardings(spec, make_mesh(cfg.mesh), cfg.mesh.logical_axis_rules)
+    sharded = load_params_sharded(mixtral_dir, spec, family, shardings)
+    host = load_params(mixtral_dir, spec, family)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(sharded), host)
+    assert sharded["layers"]["mlp"]["gate_proj"].sharding.spec[1] == "expert"
+
+    reader = CheckpointReader(mixtral_dir, spec, family)
+    entry = next(e for e in family.param_entries(spec) if e.path == ("layers", "mlp", "down_proj"))
+    read = []
+    original = reader.read
+    reader.read = lambda entry, name: read.append(name) or original(entry, name)
+    # layers 0-1 x experts 1-2, first half of the mlp dim: 4 tensors, each read once for the two blocks
+    blocks = reader.read_blocks(entry, [(slice(0, 2), slice(1, 3), slice(0, 40), slice(None)),
+                                        (slice(0, 2), slice(1, 3), slice(40, 80), slice(None))])
+    assert sorted(read) == sorted(f"model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight"
+                                  for l in (0, 1) for e in (1, 2))
+    np.testing.assert_array_equal(np.concatenate(blocks, axis=2), host["layers"]["mlp"]["down_proj"][0:2, 1:3])

@@ -64,18 +64,6 @@ def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def _tensor_locations(path: Path) -> dict[str, Path]:
-    index_file = path / INDEX_FILE
-    if index_file.is_file():
-        with open(index_file) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
-    single = path / SINGLE_FILE
-    if single.is_file():
-        return {name: single for name in SafetensorsFile(single).keys()}
-    raise CheckpointError(f"model folder {path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
-
-
 def _hf_to_ours(entry: ParamEntry, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if entry.linear_in_ndim is not None:
         tensor = tensor.T
@@ -89,33 +77,107 @@ def _ours_to_hf(entry: ParamEntry, array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array.reshape(fan_in, -1).T)
 
 
+class CheckpointReader:
+    """The tensors of one HF folder (single file or index + shards), memory-mapped, converted to our layout.
+
+    Every tensor's presence and shape is checked up front, before anything is read or allocated.
+    """
+
+    def __init__(self, path: str | os.PathLike, spec: ModelSpec, family: Family):
+        self.path, self.spec, self.family = Path(path), spec, family
+        self.locations = self._tensor_locations()
+        self.opened: dict[Path, SafetensorsFile] = {}
+        self.shapes = abstract_model(spec)[1]
+        for entry in family.param_entries(spec):
+            for _, name in entry.tensors(spec):
+                self._check(entry, name)
+
+    def _tensor_locations(self) -> dict[str, Path]:
+        index_file = self.path / INDEX_FILE
+        if index_file.is_file():
+            with open(index_file) as f:
+                weight_map = json.load(f)["weight_map"]
+            return {name: self.path / file for name, file in weight_map.items()}
+        single = self.path / SINGLE_FILE
+        if single.is_file():
+            return {name: single for name in SafetensorsFile(single).keys()}
+        raise CheckpointError(f"model folder {self.path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self.locations:
+            raise CheckpointError(f"tensor '{name}' is missing from the checkpoint in {self.path}")
+        file = self.locations[name]
+        if file not in self.opened:
+            if not file.is_file():
+                raise CheckpointError(f"shard {file} named in {self.path / INDEX_FILE} does not exist")
+            self.opened[file] = SafetensorsFile(file)
+        return self.opened[file]
+
+    def target(self, entry: ParamEntry) -> jax.ShapeDtypeStruct:
+        return _get_path(self.shapes, entry.path)
+
+    def tensor_shape(self, entry: ParamEntry) -> tuple[int, ...]:
+        return self.target(entry).shape[len(entry.indexed_axes):]
+
+    def _check(self, entry: ParamEntry, name: str) -> None:
+        file, shape = self._file(name), self.tensor_shape(entry)
+        if name not in file.entries:
+            raise CheckpointError(f"tensor '{name}' is missing from {file.path}")
+        found = file.shape(name)
+        if math.prod(found) != math.prod(shape) or (entry.linear_in_ndim is None and found != shape):
+            raise CheckpointError(f"tensor '{name}' in {file.path} has shape {found}, which does not fit "
+                                  f"{shape} for {self.family.name} with this config.json")
+
+    def read(self, entry: ParamEntry, name: str) -> np.ndarray:
+        """One HF tensor in our layout and `spec.param_dtype`."""
+        tensor = self._file(name).get(name)
+        return _hf_to_ours(entry, np.asarray(tensor, dtype=self.target(entry).dtype), self.tensor_shape(entry))
+
+    def read_blocks(self, entry: ParamEntry, indices: list[tuple[slice, ...]]) -> list[np.ndarray]:
+        """The blocks `indices` of our (stacked) array. Each HF tensor is read at most once, and only if a
+        block overlaps it (a process holding experts 0-1 never reads experts 2-7)."""
+        target = self.target(entry)
+        num_indexed = len(entry.indexed_axes)
+        ranges = [[range(*s.indices(size)) for s, size in zip(index, target.shape)] for index in indices]
+        blocks = [np.empty([len(r) for r in block_ranges], target.dtype) for block_ranges in ranges]
+        for source_index, name in entry.tensors(self.spec):
+            tensor = None
+            for index, block_ranges, block in zip(indices, ranges, blocks):
+                lead = block_ranges[:num_indexed]
+                if all(i in r for i, r in zip(source_index, lead)):
+                    tensor = self.read(entry, name) if tensor is None else tensor
+                    offset = tuple(r.index(i) for i, r in zip(source_index, lead))
+                    block[offset] = tensor[index[num_indexed:]]
+        return blocks
+
+
 def load_params(path: str | os.PathLike, spec: ModelSpec, family: Family) -> dict:
-    """Nested dict of numpy arrays in `spec.param_dtype`, read tensor by tensor."""
-    path = Path(path)
-    locations = _tensor_locations(path)
-    opened: dict[Path, SafetensorsFile] = {}
-    shapes = abstract_model(spec)[1]
+    """Nested dict of numpy arrays in `spec.param_dtype`, read tensor by tensor into one array per parameter."""
+    reader = CheckpointReader(path, spec, family)
     params: dict = {}
     for entry in family.param_entries(spec):
-        target = _get_path(shapes, entry.path)
+        target = reader.target(entry)
         array = np.empty(target.shape, target.dtype)
-        per_tensor_shape = target.shape[len(entry.indexed_axes):]
         for index, name in entry.tensors(spec):
-            if name not in locations:
-                raise CheckpointError(f"tensor '{name}' is missing from the checkpoint in {path}")
-            file = locations[name]
-            if file not in opened:
-                if not file.is_file():
-                    raise CheckpointError(f"shard {file} named in {path / INDEX_FILE} does not exist")
-                opened[file] = SafetensorsFile(file)
-            tensor = opened[file].get(name)
-            if tensor.size != math.prod(per_tensor_shape) or (
-                    entry.linear_in_ndim is None and tensor.shape != per_tensor_shape):
-                raise CheckpointError(
-                    f"tensor '{name}' in {file} has shape {tuple(tensor.shape)}, which does not fit "
-                    f"{per_tensor_shape} for {family.name} with this config.json")
-            array[index] = _hf_to_ours(entry, np.asarray(tensor, dtype=target.dtype), per_tensor_shape)
+            array[index] = reader.read(entry, name)
         _set_path(params, entry.path, array)
+    return params
+
+
+def load_params_sharded(path: str | os.PathLike, spec: ModelSpec, family: Family, shardings: dict) -> dict:
+    """Parameters placed straight onto their shards: each process reads only the tensors its devices need and
+    keeps only its own blocks, so no host ever holds the whole model."""
+    reader = CheckpointReader(path, spec, family)
+    params: dict = {}
+    for entry in family.param_entries(spec):
+        shape, sharding = reader.target(entry).shape, _get_path(shardings, entry.path)
+
+        def key(index):
+            return tuple(s.indices(size) for s, size in zip(index, shape))
+
+        unique = {key(index): index for index in sharding.addressable_devices_indices_map(shape).values()}
+        blocks = dict(zip(unique, reader.read_blocks(entry, list(unique.values()))))
+        _set_path(params, entry.path, jax.make_array_from_callback(shape, sharding, lambda index: blocks[key(index)]))
     return params
 
 
