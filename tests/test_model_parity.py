@@ -1,6 +1,9 @@
 """Every family's logits match transformers on import and export (fp32, max abs diff < 1e-4)."""
 import json
+import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ from flax import nnx
 
 import maxdpo
 from maxdpo.checkpoint.safetensors_io import SafetensorsFile
+from maxdpo.models.registry import get_family
 from maxdpo.models.transformer import abstract_model
 from hf_models import FAMILIES, LLAMA3_ROPE, hf_logits, tiny_hf, tiny_llama
 
@@ -125,3 +129,17 @@ def test_legacy_gemma_gelu_means_tanh(tmp_path):
     model = maxdpo.load_pretrained(tmp_path)
     assert model.spec.hidden_act == "gelu_pytorch_tanh"
     assert _max_diff(model, hf, _ids()) < TOL
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_full_size_default_architecture_traces_without_allocating(family):
+    """The hub-size default (e.g. Mixtral-8x7B, 46.7B parameters) builds and traces abstractly."""
+    spec = get_family(family).default_spec.replace(moe_impl="ragged", remat="full")
+    graphdef, abstract, _ = abstract_model(spec)
+    assert sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract)) == spec.num_params()
+
+    def forward(params, ids):
+        return nnx.merge(graphdef, params).forward(ids)
+
+    logits, aux = jax.eval_shape(forward, abstract, jax.ShapeDtypeStruct((1, 16), jnp.int32))
+    assert logits.shape == (1, 16, spec.vocab_size) and aux.shape == ()

@@ -171,14 +171,17 @@ def load_params_sharded(path: str | os.PathLike, spec: ModelSpec, family: Family
     params: dict = {}
     for entry in family.param_entries(spec):
         shape, sharding = reader.target(entry).shape, _get_path(shardings, entry.path)
-
-        def key(index):
-            return tuple(s.indices(size) for s, size in zip(index, shape))
-
-        unique = {key(index): index for index in sharding.addressable_devices_indices_map(shape).values()}
+        unique = {_block_key(index, shape): index
+                  for index in sharding.addressable_devices_indices_map(shape).values()}
         blocks = dict(zip(unique, reader.read_blocks(entry, list(unique.values()))))
-        _set_path(params, entry.path, jax.make_array_from_callback(shape, sharding, lambda index: blocks[key(index)]))
+        array = jax.make_array_from_callback(shape, sharding, lambda index: blocks[_block_key(index, shape)])
+        _set_path(params, entry.path, array)
     return params
+
+
+def _block_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple:
+    """Hashable form of a device's block; devices holding replicas of one block share one read."""
+    return tuple(s.indices(size) for s, size in zip(index, shape))
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", param_dtype: str = "float32",

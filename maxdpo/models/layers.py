@@ -27,8 +27,9 @@ def make_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[Optional[str]
     return nnx.Param(value, logical_axes=axes)
 
 
-def ones_param(shape: tuple[int, ...], axes: tuple[Optional[str], ...], dtype,
-               num_layers: Optional[int] = None, fill: float = 1.0) -> nnx.Param:
+def constant_param(shape: tuple[int, ...], axes: tuple[Optional[str], ...], dtype,
+                   num_layers: Optional[int] = None, fill: float = 1.0) -> nnx.Param:
+    """A parameter filled with `fill` (norm scales); a leading `layers` axis when `num_layers` is set."""
     if num_layers is not None:
         shape, axes = (num_layers, *shape), ("layers", *axes)
     return nnx.Param(jnp.full(shape, fill, dtype), logical_axes=axes)
@@ -49,7 +50,7 @@ class RMSNorm(nnx.Module):
         self.eps = spec.rms_norm_eps
         self.plus_one = spec.norm_plus_one
         fill = 0.0 if spec.norm_plus_one else 1.0
-        self.scale = ones_param((spec.hidden_size,), ("embed",), spec.param_dtype, num_layers, fill)
+        self.scale = constant_param((spec.hidden_size,), ("embed",), spec.param_dtype, num_layers, fill)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
