@@ -4,7 +4,8 @@ from __future__ import annotations
 from maxdpo.models.family import Family
 from maxdpo.models.gemma import GEMMA, GEMMA2
 from maxdpo.models.llama import LLAMA
-from maxdpo.models.mistral import MISTRAL, MIXTRAL
+from maxdpo.models.mistral import MISTRAL
+from maxdpo.models.mixtral import MIXTRAL
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (LLAMA, MISTRAL, MIXTRAL, GEMMA, GEMMA2)}
 
