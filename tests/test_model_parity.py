@@ -143,3 +143,14 @@ def test_full_size_default_architecture_traces_without_allocating(family):
 
     logits, aux = jax.eval_shape(forward, abstract, jax.ShapeDtypeStruct((1, 16), jnp.int32))
     assert logits.shape == (1, 16, spec.vocab_size) and aux.shape == ()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bfloat16_error_is_that_of_transformers_bfloat16(tmp_path, family):
+    """In bf16 (params and compute) maxdpo strays from the fp32 logits no further than transformers does."""
+    hf = tiny_hf(tmp_path, family)
+    ids = _ids()
+    exact = hf_logits(hf, ids)
+    ours = np.asarray(maxdpo.load_pretrained(tmp_path, dtype="bfloat16", param_dtype="bfloat16")(ids))
+    theirs = hf_logits(hf.to(torch.bfloat16), ids)
+    assert np.abs(ours - exact).max() <= 1.5 * np.abs(theirs - exact).max() + 1e-3
