@@ -154,3 +154,15 @@ def test_bfloat16_error_is_that_of_transformers_bfloat16(tmp_path, family):
     ours = np.asarray(maxdpo.load_pretrained(tmp_path, dtype="bfloat16", param_dtype="bfloat16")(ids))
     theirs = hf_logits(hf.to(torch.bfloat16), ids)
     assert np.abs(ours - exact).max() <= 1.5 * np.abs(theirs - exact).max() + 1e-3
+
+
+def test_gemma2_export_writes_the_layer_pattern_the_model_ran(tmp_path):
+    """layer_types=None slides every layer; the exported config.json must say so, not Gemma-2's default."""
+    tiny_hf(tmp_path / "src", "gemma2")
+    model = maxdpo.load_pretrained(tmp_path / "src")
+    all_sliding = nnx.merge(abstract_model(model.spec.replace(layer_types=None))[0], nnx.state(model))
+    maxdpo.save_pretrained(all_sliding, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"] == ["sliding_attention"] * 3
+    ids = _ids()
+    np.testing.assert_allclose(np.asarray(maxdpo.load_pretrained(tmp_path / "out")(ids)),
+                               np.asarray(all_sliding(ids)), atol=1e-5)

@@ -67,7 +67,7 @@ def gemma2_spec_from_hf(config: dict) -> dict:
 
 def gemma2_hf_config(spec: ModelSpec) -> dict:
     return {**gemma_hf_config(spec), "sliding_window": spec.sliding_window,
-            "layer_types": list(spec.layer_types or alternating_layer_types(spec.num_layers)),
+            "layer_types": [FULL if window is None else SLIDING for window in spec.layer_windows()],
             "query_pre_attn_scalar": spec.query_pre_attn_scalar,
             "attn_logit_softcapping": spec.attn_logit_softcap, "final_logit_softcapping": spec.final_logit_softcap}
 
