@@ -45,11 +45,14 @@ def spec_from_pretrained(path: str | os.PathLike, **runtime) -> tuple[Family, Mo
     source = Path(path) / "config.json"
     try:
         family = family_for_model_type(config.get("model_type"), str(source))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
+    try:
         return family, ModelSpec(family=family.name, **family.spec_from_hf(config), **runtime)
     except KeyError as err:
-        raise CheckpointError(f"{source} lacks the key {err} that a '{config.get('model_type')}' model needs") from err
+        raise CheckpointError(f"{source} lacks the key {err} that a '{family.name}' model needs") from err
     except ValueError as err:
-        raise CheckpointError(f"{source}: {err}" if str(source) not in str(err) else str(err)) from err
+        raise CheckpointError(f"{source}: {err}") from err
 
 
 def _get_path(tree: dict, path: tuple[str, ...]):

@@ -14,10 +14,9 @@ LLAMA3_8B = ModelSpec(
 LAYER = "model.layers.{layer}"
 
 
-def gated_mlp_entries(prefix: str = f"{LAYER}.mlp") -> list[ParamEntry]:
-    return [ParamEntry(("layers", "mlp", "gate_proj"), f"{prefix}.gate_proj.weight", 1),
-            ParamEntry(("layers", "mlp", "up_proj"), f"{prefix}.up_proj.weight", 1),
-            ParamEntry(("layers", "mlp", "down_proj"), f"{prefix}.down_proj.weight", 1)]
+GATED_MLP_ENTRIES = [ParamEntry(("layers", "mlp", "gate_proj"), f"{LAYER}.mlp.gate_proj.weight", 1),
+                     ParamEntry(("layers", "mlp", "up_proj"), f"{LAYER}.mlp.up_proj.weight", 1),
+                     ParamEntry(("layers", "mlp", "down_proj"), f"{LAYER}.mlp.down_proj.weight", 1)]
 
 
 def decoder_param_entries(spec: ModelSpec, mlp_entries: list[ParamEntry] | None = None) -> list[ParamEntry]:
@@ -30,7 +29,7 @@ def decoder_param_entries(spec: ModelSpec, mlp_entries: list[ParamEntry] | None 
         ParamEntry(("layers", "attn", "v_proj"), f"{LAYER}.self_attn.v_proj.weight", 1),
         ParamEntry(("layers", "attn", "o_proj"), f"{LAYER}.self_attn.o_proj.weight", 2),
         ParamEntry(("layers", "mlp_norm", "scale"), f"{LAYER}.post_attention_layernorm.weight"),
-        *(gated_mlp_entries() if mlp_entries is None else mlp_entries),
+        *(GATED_MLP_ENTRIES if mlp_entries is None else mlp_entries),
         ParamEntry(("final_norm", "scale"), "model.norm.weight"),
     ]
     if not spec.tie_word_embeddings:
