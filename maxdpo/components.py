@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -16,8 +18,8 @@ from transformers import AutoTokenizer
 from maxdpo.checkpoint.hf import load_params_sharded, spec_from_pretrained, to_dtype
 from maxdpo.config import Config, ConfigError
 from maxdpo.data.loader import BatchPlan
-from maxdpo.data.sources import DataError, load_rows, resolve_path
-from maxdpo.data.tokenize import PairTokenizer, TokenizedPair, tokenize_rows
+from maxdpo.data.pipeline import PreparedData, prepare_pairs
+from maxdpo.data.sources import resolve_path
 from maxdpo.models.registry import get_family
 from maxdpo.models.spec import ModelSpec
 from maxdpo.models.transformer import Transformer, abstract_model
@@ -90,23 +92,21 @@ def copy_params(params: dict) -> dict:
     return jax.tree.map(jnp.copy, params)
 
 
-def tokenize_source(source: str, cfg: Config, tokenizer) -> list[TokenizedPair]:
-    rows = load_rows(source)
-    missing = [c for c in (cfg.data.columns.prompt, cfg.data.columns.chosen, cfg.data.columns.rejected)
-               if c not in rows.column_names]
-    if missing:
-        raise DataError(f"{source}: missing column(s) {missing}; found {rows.column_names} (see data.columns)")
-    pair_tokenizer = PairTokenizer(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.truncation)
-    pairs, stats = tokenize_rows(rows, pair_tokenizer, cfg.data.columns, source)
-    log.info("%s: %d pairs, %d truncated to data.max_length=%d", source, stats.pairs, stats.truncated,
-             cfg.data.max_length)
-    return pairs
+def prepare_data(source: str, split: str, cfg: Config, tokenizer) -> PreparedData:
+    """Tokenised pairs of a data source (cached on disk; progress shown by the first process)."""
+    return prepare_pairs(source, split, cfg.data, tokenizer, show_progress=jax.process_index() == 0)
 
 
 def batch_plan(cfg: Config, tokenizer, shuffle: Optional[bool] = None, batch_size: Optional[int] = None) -> BatchPlan:
     return BatchPlan(batch_size=batch_size or cfg.trainer.batch_size, epochs=cfg.trainer.epochs,
                      seed=cfg.run.seed, shuffle=cfg.data.shuffle if shuffle is None else shuffle,
-                     pad_id=tokenizer.pad_token_id, max_length=cfg.data.max_length)
+                     pad_id=tokenizer.pad_token_id, max_length=cfg.data.max_length, packing=cfg.data.packing)
+
+
+def schedule_fingerprint(data: PreparedData, plan: BatchPlan) -> str:
+    """Identifies the batch sequence: the data and how it is batched."""
+    content = json.dumps([data.fingerprint, dataclasses.asdict(plan)], sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()
 
 
 def check_vocab(spec: ModelSpec, tokenizer) -> None:

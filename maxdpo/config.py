@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import yaml
 
+from maxdpo.data.templates import BUILTIN_TEMPLATES
+
 DEFAULT_CONFIG = "tiny_llama_dpo.yaml"
 
 
@@ -64,6 +66,8 @@ class ColumnsConfig:
 class DataConfig:
     train: Optional[str] = None
     eval: Optional[str] = None
+    train_split: str = "train"  # the split read from a hub name, a hub-shaped folder or a saved DatasetDict
+    eval_split: str = "test"
     format: str = "auto"
     columns: ColumnsConfig = dataclasses.field(default_factory=ColumnsConfig)
     chat_template: str = "auto"
@@ -72,6 +76,11 @@ class DataConfig:
     max_prompt_length: int = 256
     truncation: str = "keep_end"
     shuffle: bool = True
+    packing: bool = False
+    skip_invalid: bool = False
+    num_proc: Optional[int] = None  # tokenisation processes; None: up to 8 for large data, 1 for small
+    cache: bool = True
+    cache_dir: Optional[str] = None  # None: $MAXDPO_CACHE_DIR or ~/.cache/maxdpo
 
 
 @dataclasses.dataclass
@@ -154,7 +163,7 @@ CHOICES = {
     "model.attention": ("xla",),
     "model.moe_impl": ("dense", "ragged"),
     "model.remat": ("none", "dots", "full"),
-    "data.format": ("auto", "plain"),
+    "data.format": ("auto", "plain", "conversational"),
     "data.truncation": ("keep_start", "keep_end"),
     "dpo.loss": ("sigmoid",),
     "optimizer.name": ("adamw",),
@@ -164,12 +173,13 @@ CHOICES = {
 }
 
 
+CHAT_TEMPLATE_NAMES = ("auto", *BUILTIN_TEMPLATES)
+
+
 # Keys of the contract whose features have not landed yet: only the inert value is accepted, so a
 # setting is never silently ignored.
 NOT_YET_SUPPORTED = {
     "reference.precompute": False,
-    "data.chat_template": "auto",
-    "data.system_prompt": None,
     "dpo.sft_weight": 0.0,
     "freeze.trainable": [],
     "freeze.frozen": [],
@@ -315,6 +325,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'data.max_prompt_length' ({cfg.data.max_prompt_length}) must be below "
             f"data.max_length ({cfg.data.max_length})")
+    if cfg.data.num_proc is not None and cfg.data.num_proc < 1:
+        raise ConfigError(f"config key 'data.num_proc' must be >= 1 or null, got {cfg.data.num_proc}")
+    template = cfg.data.chat_template
+    if template not in CHAT_TEMPLATE_NAMES and not template.endswith(".jinja") and not ("{{" in template or "{%" in template):
+        raise ConfigError(f"config key 'data.chat_template' must be one of {list(CHAT_TEMPLATE_NAMES)}, a .jinja file "
+                          f"or a Jinja template string, got {template!r}")
     if not 0.0 <= cfg.optimizer.warmup_ratio <= 1.0:
         raise ConfigError(f"config key 'optimizer.warmup_ratio' must be in [0, 1], got {cfg.optimizer.warmup_ratio}")
     for axis in ("data", "fsdp", "tensor", "expert"):

@@ -17,7 +17,7 @@ from maxdpo.checkpoint.hf import save_params, spec_from_pretrained
 from maxdpo.checkpoint.state import CheckpointStore, abstract_like, spec_to_meta
 from maxdpo.config import Config, ConfigError, save_config, to_dict
 from maxdpo.data.sources import resolve_path
-from maxdpo.data.loader import batched_dataset, eval_dataset, iterate_batches, iterate_eval_batches
+from maxdpo.data.loader import BATCH_FIELDS, BatchBuilder, batch_iterator, eval_schedule, training_schedule
 from maxdpo.dpo.optim import make_optimizer
 from maxdpo.dpo.step import LossSettings, finalize_metrics, make_eval_step, make_train_step
 from maxdpo.metrics_log import MetricsLog
@@ -71,22 +71,26 @@ class Trainer:
         components.check_vocab(self.spec, self.tokenizer)
         log.info("model: %s, %.2fM parameters, %d layers; mesh %s", self.spec.family, self.spec.num_params() / 1e6,
                  self.spec.num_layers, dict(self.mesh.shape))
+        process = dict(process_index=jax.process_index(), process_count=jax.process_count())
         plan = components.batch_plan(cfg, self.tokenizer)
-        self.train_data = batched_dataset(components.tokenize_source(cfg.data.train, cfg, self.tokenizer), plan)
-        self.steps_per_epoch = len(self.train_data) // trainer.epochs
-        self.total_steps = len(self.train_data) if trainer.max_steps < 0 else min(trainer.max_steps, len(self.train_data))
-        self.eval_data = None
+        train_data = components.prepare_data(cfg.data.train, cfg.data.train_split, cfg, self.tokenizer)
+        self.batch_schedule = training_schedule(train_data.store, plan)
+        self.train_batches = BatchBuilder(train_data.store, self.batch_schedule, plan.pad_id, **process)
+        self.data_fingerprint = components.schedule_fingerprint(train_data, plan)
+        self.total_steps = len(self.batch_schedule) if trainer.max_steps < 0 else min(trainer.max_steps, len(self.batch_schedule))
+        self.eval_batches = None
         if cfg.data.eval:
             eval_plan = components.batch_plan(cfg, self.tokenizer, shuffle=False, batch_size=micro)
-            self.eval_data = eval_dataset(components.tokenize_source(cfg.data.eval, cfg, self.tokenizer), eval_plan)
+            eval_data = components.prepare_data(cfg.data.eval, cfg.data.eval_split, cfg, self.tokenizer)
+            self.eval_batches = BatchBuilder(eval_data.store, eval_schedule(eval_data.store, eval_plan),
+                                             eval_plan.pad_id, **process)
 
         self.graphdef, _, self.param_shardings = components.param_shardings(self.spec, self.mesh, self.rules)
         if cfg.dpo.router_aux_coef and not self.spec.num_experts:
             raise ConfigError(f"dpo.router_aux_coef applies to MoE models; this {self.spec.family} model has no experts")
         settings = LossSettings(cfg.dpo.loss, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.router_aux_coef)
         self.optimizer, self.schedule = make_optimizer(cfg.optimizer, self.total_steps)
-        batch_dims = {"input_ids": 3, "segment_ids": 3, "completion_mask": 3, "pair_mask": 1}
-        self.batch_shardings = {k: batch_sharding(self.mesh, self.rules, n) for k, n in batch_dims.items()}
+        self.batch_shardings = {k: batch_sharding(self.mesh, self.rules, n) for k, n in BATCH_FIELDS.items()}
         self._train_step = make_train_step(self.graphdef, settings, self.optimizer, self.schedule, self.num_micro)
         self.eval_step = jax.jit(make_eval_step(self.graphdef, settings),
                                  in_shardings=(self.param_shardings, self.param_shardings, self.batch_shardings))
@@ -113,13 +117,14 @@ class Trainer:
         shardings = jax.tree.map(sharding_of, tree)
         return jax.device_put(tree, shardings), shardings
 
-    def meta(self) -> dict:
-        return {"model": spec_to_meta(self.spec), "config": to_dict(self.cfg)}
+    def meta(self, data_state: dict) -> dict:
+        return {"model": spec_to_meta(self.spec), "config": to_dict(self.cfg), "data_iterator": data_state}
 
     # -- loop ------------------------------------------------------------------------------------------------
     def evaluate(self, params: dict, ref_params: dict) -> dict:
         totals = None
-        for batch in iterate_eval_batches(self.eval_data):
+        for step in range(len(self.eval_batches.schedule)):
+            batch = self.eval_batches(step)
             sums = self.eval_step(params, ref_params, _global_batch(batch, self.batch_shardings))
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         return {f"eval_{k}": float(v) for k, v in finalize_metrics(jax.device_get(totals)).items()}
@@ -128,11 +133,12 @@ class Trainer:
         """Raises when step `step` produced a non-finite loss or gradient (its update is then never saved)."""
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            epoch, index = divmod(step - 1, self.steps_per_epoch)
+            epoch = int(self.batch_schedule.epoch_at(step - 1))
+            pairs = self.train_batches.pair_indices(step - 1)
             raise NonFiniteLossError(
-                f"loss is {loss} (grad_norm {grad_norm}) at step {step}, batch {index} of epoch {epoch} "
-                f"(global batch index {step - 1}); stopping, the checkpoints in {self.run_dir / 'checkpoints'} "
-                "are untouched")
+                f"loss is {loss} (grad_norm {grad_norm}) at step {step}, global batch {step - 1} (epoch {epoch}; "
+                f"this process's pairs {pairs[pairs >= 0].tolist()}); stopping, the checkpoints in "
+                f"{self.run_dir / 'checkpoints'} are untouched")
 
     def train(self) -> dict:
         cfg, trainer = self.cfg, self.cfg.trainer
@@ -150,13 +156,16 @@ class Trainer:
         opt_state = jax.jit(self.optimizer.init)(params)
         state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": opt_state}
         state, state_shardings = self._normalise_shardings(state)
-        start = 0
+        start, data_state = 0, None
         if latest is not None:
+            data_state = store.read_meta(latest)["data_iterator"]
             restored = store.restore(latest, abstract_like(state["params"]), abstract_like(state["opt_state"]))
             state = {"step": jax.device_put(jnp.asarray(latest, jnp.int32), replicated(self.mesh)),
                      "params": restored["params"], "opt_state": restored["opt_state"]}
             start = latest
             log.info("resuming from %s at step %d", store.directory / str(latest), latest)
+        batches = batch_iterator(self.train_batches, self.data_fingerprint, data_state,
+                                 where=f"checkpoint {store.directory / str(latest)}")
         train_step = jax.jit(self._train_step,
                              in_shardings=(state_shardings, self.param_shardings, self.batch_shardings),
                              out_shardings=(state_shardings, replicated(self.mesh)), donate_argnums=0)
@@ -166,10 +175,10 @@ class Trainer:
         window_start = time.perf_counter()
         pending = None  # (step, metrics) checked one step late so the host never stalls the device
         try:
-            for index, batch in iterate_batches(self.train_data, start, self.total_steps):
+            for step in range(start + 1, self.total_steps + 1):
+                batch = next(batches)
                 state, metrics = train_step(state, ref_params, _global_batch(batch, self.batch_shardings))
-                step = index + 1
-                tokens += int(batch["segment_ids"].sum()) * jax.process_count()
+                tokens += int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
                 if pending is not None:
                     self._check_finite(*pending)
                 pending = (step, metrics)
@@ -178,27 +187,27 @@ class Trainer:
                 if step % trainer.log_every == 0 or step == self.total_steps:
                     self._check_finite(*pending)
                     row = _mean_rows(jax.device_get(window))
-                    row.update(step=step, epoch=step / self.steps_per_epoch,
+                    row.update(step=step, epoch=self.batch_schedule.epoch_at(step),
                                tokens_per_sec=tokens / (time.perf_counter() - window_start))
                     metrics_log.write(row)
                     last_row, window, tokens = row, [], 0
-                if self.eval_data is not None and trainer.eval_every and step % trainer.eval_every == 0:
-                    eval_row = {"step": step, "epoch": step / self.steps_per_epoch,
+                if self.eval_batches is not None and trainer.eval_every and step % trainer.eval_every == 0:
+                    eval_row = {"step": step, "epoch": self.batch_schedule.epoch_at(step),
                                 **self.evaluate(state["params"], ref_params)}
                     metrics_log.write(eval_row)
                 if trainer.save_every and step % trainer.save_every == 0:
                     self._check_finite(*pending)
-                    store.save(step, state["params"], state["opt_state"], self.meta())
+                    store.save(step, state["params"], state["opt_state"], self.meta(batches.state()))
                 window_start = time.perf_counter() if not window else window_start
             final_step = self.total_steps
             if pending is not None:
                 self._check_finite(*pending)
-            if self.eval_data is not None and eval_row.get("step") != final_step:
-                eval_row = {"step": final_step, "epoch": final_step / self.steps_per_epoch,
+            if self.eval_batches is not None and eval_row.get("step") != final_step:
+                eval_row = {"step": final_step, "epoch": self.batch_schedule.epoch_at(final_step),
                             **self.evaluate(state["params"], ref_params)}
                 metrics_log.write(eval_row)
             if store.latest_step() != final_step:
-                store.save(final_step, state["params"], state["opt_state"], self.meta())
+                store.save(final_step, state["params"], state["opt_state"], self.meta(batches.state()))
             store.wait()
         finally:
             metrics_log.close()

@@ -10,10 +10,10 @@ from transformers import AutoTokenizer
 
 import maxdpo
 from hf_models import tiny_hf, tiny_llama
-from maxdpo.config import ColumnsConfig, OptimizerConfig
+from maxdpo.config import OptimizerConfig
 from maxdpo.data.loader import collate
 from maxdpo.data.sources import resolve_path
-from maxdpo.data.tokenize import PairTokenizer, tokenize_rows
+from maxdpo.data.tokenize import PairTokenizer
 from maxdpo.dpo.losses import sigmoid_loss
 from maxdpo.dpo.optim import make_optimizer
 from maxdpo.dpo.step import LossSettings, make_train_step
@@ -33,8 +33,9 @@ def setup(tmp_path_factory):
     policy_hf = tiny_llama(tmp / "policy", seed=0)
     ref_hf = tiny_llama(tmp / "ref", seed=1)  # a different reference model
     tokenizer = AutoTokenizer.from_pretrained(resolve_path("bundled:tiny/tokenizer"))
-    pairs, _ = tokenize_rows(ROWS, PairTokenizer(tokenizer, 32, 16), ColumnsConfig(), "inline")
-    batch = collate(pairs, tokenizer.pad_token_id, [16, 32], len(pairs))
+    pair_tokenizer = PairTokenizer(tokenizer, 32, 16)
+    pairs = [pair_tokenizer(row["prompt"], row["chosen"], row["rejected"])[0] for row in ROWS]
+    batch = collate([[pair] for pair in pairs], 16, 1, tokenizer.pad_token_id)
     return policy_hf, ref_hf, tmp, batch
 
 

@@ -1,21 +1,33 @@
-"""Batches of preference pairs with grain: shuffled per epoch and seed, padded to a few bucket lengths.
+"""Batches of preference pairs with grain: a schedule of global batches, each process materialising its share.
 
-A batch holds each pair's chosen row at [:, 0] and its rejected row at [:, 1]:
-  input_ids        [B, 2, T] int32   prompt + completion, right-padded with pad_id
-  segment_ids      [B, 2, T] int32   1 on real tokens, 0 on padding
-  completion_mask  [B, 2, T] int32   1 on completion tokens (the tokens whose log-probs count)
-  pair_mask        [B]       float32 1 for real pairs, 0 for the filler that completes a last eval batch
-Step `i` of a run always reads batch `i`, which is what makes resume exact.
+The schedule is computed from sequence lengths alone, identically on every process: per epoch the pairs
+are shuffled (seeded by run seed and epoch), optionally packed several to a row, and cut into global
+batches of `batch_size` rows (the last partial batch of an epoch is dropped; evaluation keeps it and
+fills it with empty rows). Each batch is padded to the smallest bucket length (powers of two up to
+max_length) that holds its longest row, so the jitted step compiles for a few shapes only, and every
+process pads to the same length. Process p of P builds rows [p*R/P, (p+1)*R/P) of each batch.
+
+A batch (this process's r rows; K pair slots per row: 1, or more when packing) holds
+  input_ids        [r, 2, T] int32   row 0: the chosen sequences, row 1: the rejected ones
+  positions        [r, 2, T] int32   restarting at 0 for each packed pair
+  segment_ids      [r, 2, T] int32   k+1 on the tokens of the row's pair slot k, 0 on padding
+  completion_mask  [r, 2, T] int32   1 on completion tokens (the tokens whose log-probs count)
+  pair_mask        [r, K]    float32 1 for the slots that hold a pair
+Packing puts a pair's chosen sequence in the chosen row and its rejected sequence in the rejected row,
+in the same slot, so a pair is always (chosen slot k, rejected slot k) of one row.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator, Optional
 
 import grain
-import jax
 import numpy as np
 
+from maxdpo.data.store import PairStore
 from maxdpo.data.tokenize import TokenizedPair
+
+BATCH_FIELDS = {"input_ids": 3, "positions": 3, "segment_ids": 3, "completion_mask": 3, "pair_mask": 2}
 
 
 def bucket_lengths(max_length: int, smallest: int = 16) -> list[int]:
@@ -27,76 +39,194 @@ def bucket_lengths(max_length: int, smallest: int = 16) -> list[int]:
     return buckets + [max_length]
 
 
-def collate(pairs: list[TokenizedPair], pad_id: int, buckets: list[int], batch_size: int) -> dict[str, np.ndarray]:
-    longest = max(max(len(p.chosen), len(p.rejected)) for p in pairs)
-    length = next(b for b in buckets if b >= longest)
-    input_ids = np.full((batch_size, 2, length), pad_id, np.int32)
-    segment_ids = np.zeros((batch_size, 2, length), np.int32)
-    completion_mask = np.zeros((batch_size, 2, length), np.int32)
-    pair_mask = np.zeros((batch_size,), np.float32)
-    pair_mask[:len(pairs)] = 1.0
-    for i, pair in enumerate(pairs):
-        for side, (row, prompt_len) in enumerate(((pair.chosen, pair.chosen_prompt_len),
-                                                  (pair.rejected, pair.rejected_prompt_len))):
-            input_ids[i, side, :len(row)] = row
-            segment_ids[i, side, :len(row)] = 1
-            completion_mask[i, side, prompt_len:len(row)] = 1
-    return {"input_ids": input_ids, "segment_ids": segment_ids, "completion_mask": completion_mask,
-            "pair_mask": pair_mask}
-
-
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
-    batch_size: int  # global, in pairs
+    batch_size: int  # global, in rows (one pair per row unless packing)
     epochs: int
     seed: int
     shuffle: bool
     pad_id: int
     max_length: int
+    packing: bool = False
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Which pairs each global batch holds: rows[step, row, slot] = pair index, -1 for an empty slot."""
+    rows: np.ndarray  # [steps, batch rows, pairs per row] int32
+    lengths: np.ndarray  # [steps] padded length of each batch
+    steps_per_epoch: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def epoch_at(self, step: int) -> float:
+        """Epochs completed after `step` steps, fractional within the current epoch."""
+        done = 0
+        for epoch, count in enumerate(self.steps_per_epoch):
+            if step <= done + count:
+                return epoch + (step - done) / count
+            done += count
+        return float(len(self.steps_per_epoch))
 
 
-def _collate_fn(plan: BatchPlan):
-    buckets = bucket_lengths(plan.max_length)
-    return lambda items: collate(list(items), plan.pad_id, buckets, plan.batch_size)
+def epoch_order(count: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(count) if shuffle else np.arange(count)
 
 
-def batched_dataset(pairs: list[TokenizedPair], plan: BatchPlan) -> grain.MapDataset:
-    """Random-access dataset of global batches, epoch after epoch (each epoch drops its last partial batch)."""
-    if len(pairs) < plan.batch_size:
-        raise ValueError(f"{len(pairs)} pairs cannot fill one batch of {plan.batch_size}")
-    source = grain.MapDataset.source(pairs)
-    epochs = []
+def pack_rows(order: np.ndarray, lengths: np.ndarray, max_length: int) -> list[list[int]]:
+    """Next-fit packing in `order`: a row takes pairs while both its chosen and its rejected side fit."""
+    rows, current, used = [], [], np.zeros(2, np.int64)
+    for index in order:
+        if current and np.any(used + lengths[index] > max_length):
+            rows.append(current)
+            current, used = [], np.zeros(2, np.int64)
+        current.append(int(index))
+        used += lengths[index]
+    return rows + ([current] if current else [])
+
+
+def _to_slots(rows: list[list[int]], slots: int) -> np.ndarray:
+    table = np.full((len(rows), slots), -1, np.int32)
+    for i, row in enumerate(rows):
+        table[i, :len(row)] = row
+    return table
+
+
+def _pad_length(store: PairStore, batch: np.ndarray, buckets: list[int]) -> int:
+    """The bucket holding the longest row of a batch [rows, slots]."""
+    longest = 0
+    for row in batch:
+        pairs = row[row >= 0]
+        if len(pairs):
+            longest = max(longest, int(store.lengths[pairs].sum(axis=0).max()))
+    return next(b for b in buckets if b >= longest)
+
+
+def _slots_needed(rows_per_epoch: list[list[list[int]]]) -> int:
+    most = max(len(row) for rows in rows_per_epoch for row in rows)
+    return 1 << (most - 1).bit_length()  # a power of two: few distinct shapes across runs
+
+
+def _schedule(store: PairStore, rows_per_epoch: list[list[list[int]]], batch_size: int, max_length: int,
+              keep_partial: bool) -> Schedule:
+    slots = _slots_needed(rows_per_epoch)
+    buckets = bucket_lengths(max_length)
+    batches, counts = [], []
+    for rows in rows_per_epoch:
+        table = _to_slots(rows, slots)
+        steps = -(-len(table) // batch_size) if keep_partial else len(table) // batch_size
+        filled = np.full((steps * batch_size, slots), -1, np.int32)
+        filled[:min(len(table), len(filled))] = table[:len(filled)]
+        batches.append(filled.reshape(steps, batch_size, slots))
+        counts.append(steps)
+    rows = np.concatenate(batches)
+    return Schedule(rows, np.asarray([_pad_length(store, b, buckets) for b in rows], np.int32), tuple(counts))
+
+
+def training_schedule(store: PairStore, plan: BatchPlan) -> Schedule:
+    rows_per_epoch = []
     for epoch in range(plan.epochs):
-        ordered = source.shuffle(seed=epoch_seed(plan.seed, epoch)) if plan.shuffle else source
-        epochs.append(ordered.batch(plan.batch_size, drop_remainder=True, batch_fn=_collate_fn(plan)))
-    return grain.MapDataset.concatenate(epochs)
+        order = epoch_order(len(store), plan.seed, epoch, plan.shuffle)
+        rows_per_epoch.append(pack_rows(order, store.lengths, plan.max_length) if plan.packing
+                              else [[int(i)] for i in order])
+    if len(rows_per_epoch[0]) < plan.batch_size:
+        raise ValueError(f"{len(store)} pairs make {len(rows_per_epoch[0])} rows, too few for one batch of "
+                         f"{plan.batch_size} (trainer.batch_size)")
+    return _schedule(store, rows_per_epoch, plan.batch_size, plan.max_length, keep_partial=False)
 
 
-def eval_dataset(pairs: list[TokenizedPair], plan: BatchPlan) -> grain.MapDataset:
-    """Every pair once, in order; the last batch is completed with masked filler pairs."""
-    return grain.MapDataset.source(pairs).batch(plan.batch_size, drop_remainder=False, batch_fn=_collate_fn(plan))
+def eval_schedule(store: PairStore, plan: BatchPlan) -> Schedule:
+    """Every pair once, in order; the last batch is completed with empty rows."""
+    order = np.arange(len(store))
+    rows = pack_rows(order, store.lengths, plan.max_length) if plan.packing else [[int(i)] for i in order]
+    return _schedule(store, [rows], plan.batch_size, plan.max_length, keep_partial=True)
 
 
-def process_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's share of a global batch: a contiguous block of pairs."""
-    count, index = jax.process_count(), jax.process_index()
-    pairs = batch["input_ids"].shape[0]
-    if pairs % count:
-        raise ValueError(f"batch of {pairs} pairs does not split over {count} processes")
-    share = pairs // count
-    return {name: value[index * share:(index + 1) * share] for name, value in batch.items()}
+def collate(rows: list[list[TokenizedPair]], length: int, slots: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Lays out rows of pairs (see the module docstring) padded to `length`."""
+    count = len(rows)
+    batch = {name: np.zeros((count, 2, length), np.int32)
+             for name in ("input_ids", "positions", "segment_ids", "completion_mask")}
+    batch["input_ids"][:] = pad_id
+    batch["pair_mask"] = np.zeros((count, slots), np.float32)
+    for r, pairs in enumerate(rows):
+        cursor = [0, 0]
+        for slot, pair in enumerate(pairs):
+            batch["pair_mask"][r, slot] = 1.0
+            for side, (sequence, prompt_len) in enumerate(((pair.chosen, pair.chosen_prompt_len),
+                                                           (pair.rejected, pair.rejected_prompt_len))):
+                start, end = cursor[side], cursor[side] + len(sequence)
+                batch["input_ids"][r, side, start:end] = sequence
+                batch["positions"][r, side, start:end] = np.arange(len(sequence))
+                batch["segment_ids"][r, side, start:end] = slot + 1
+                batch["completion_mask"][r, side, start + prompt_len:end] = 1
+                cursor[side] = end
+    return batch
 
 
-def iterate_eval_batches(dataset: grain.MapDataset):
-    yield from dataset.map(process_slice)
+@dataclasses.dataclass(frozen=True)
+class BatchBuilder:
+    """Builds one process's share of a scheduled global batch."""
+    store: PairStore
+    schedule: Schedule
+    pad_id: int
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self):
+        rows = self.schedule.rows.shape[1]
+        if rows % self.process_count:
+            raise ValueError(f"a batch of {rows} rows does not split over {self.process_count} processes")
+
+    def pair_indices(self, step: int) -> np.ndarray:
+        """[rows of this process, slots] pair indices of batch `step` (-1: empty)."""
+        share = self.schedule.rows.shape[1] // self.process_count
+        return self.schedule.rows[step, self.process_index * share:(self.process_index + 1) * share]
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        rows = [[self.store.pair(i) for i in row if i >= 0] for row in self.pair_indices(step)]
+        return collate(rows, int(self.schedule.lengths[step]), self.schedule.rows.shape[2], self.pad_id)
 
 
-def iterate_batches(dataset: grain.MapDataset, start_step: int, num_steps: int, prefetch: int = 4):
-    """Yields (step, this process's batch) for steps start_step .. num_steps-1, prefetched by grain."""
-    remaining = dataset.slice(slice(start_step, num_steps)).map(process_slice)
-    iterator = remaining.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
-    yield from enumerate(iterator, start=start_step)
+def batch_dataset(builder: BatchBuilder) -> grain.MapDataset:
+    return grain.MapDataset.range(len(builder.schedule)).map(builder)
+
+
+class BatchIterator:
+    """Prefetching iterator over the batches of a schedule whose position is checkpointable.
+
+    `state()` describes the batches consumed so far (not those prefetched) together with the data's
+    fingerprint; `restore` refuses a state taken on other data.
+    """
+
+    def __init__(self, dataset: grain.MapDataset, fingerprint: str, prefetch: int = 4):
+        self.fingerprint = fingerprint
+        self._iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self._iterator
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def state(self) -> dict:
+        return {"fingerprint": self.fingerprint, "grain": self._iterator.get_state()}
+
+    def restore(self, state: dict, where: str) -> None:
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(f"{where} was written while training on other data or batches (the data, tokenizer, "
+                             "data.* settings, trainer.batch_size, trainer.epochs or run.seed differ); resuming "
+                             "would not continue the same run")
+        self._iterator.set_state(state["grain"])
+
+    def position(self) -> int:
+        return int(self._iterator.get_state()["next_index"])
+
+
+def batch_iterator(builder: BatchBuilder, fingerprint: str, state: Optional[dict] = None,
+                   where: str = "the checkpoint") -> BatchIterator:
+    iterator = BatchIterator(batch_dataset(builder), fingerprint)
+    if state is not None:
+        iterator.restore(state, where)
+    return iterator

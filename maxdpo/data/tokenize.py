@@ -1,17 +1,18 @@
-"""Tokenises preference pairs as TRL does for plain text.
+"""Tokenises preference pairs as TRL does for text.
 
 Completion tokens are the tokens of prompt+completion beyond the prompt's own tokens (one token back
 when the tokenizer merged across the boundary); BOS is put in front once, EOS ends every completion.
 Too-long pairs are cut as TRL cuts them: first the prompt to `max_prompt_length` (keeping its start or
-end, BOS kept), then the completions to `max_length - max_prompt_length`.
+end, BOS kept), then the completions to what `max_length` leaves. A prompt longer than `max_length`
+itself is not a pair that truncation can save: it is an invalid row.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
 
 import numpy as np
 
+from maxdpo.data.formats import InvalidRow
 from maxdpo.data.sources import DataError
 
 
@@ -23,20 +24,28 @@ class TokenizedPair:
     rejected_prompt_len: int
 
 
-@dataclasses.dataclass
-class TokenizeStats:
-    pairs: int = 0
-    truncated: int = 0
+@dataclasses.dataclass(frozen=True)
+class Truncation:
+    prompt: bool  # the prompt was cut to max_prompt_length
+    completion: bool  # a completion was cut to fit max_length
 
 
-def split_prompt_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) where both come from tokenising prompt+completion together."""
-    full = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Batched encoding (fast tokenizers spread a batch over threads)."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _split(full: list[int], prompt_ids: list[int]) -> tuple[list[int], list[int]]:
     start = len(prompt_ids)
     if full[:start] != prompt_ids:  # the last prompt token merged with the completion's first
         start -= 1
     return full[:start], full[start:]
+
+
+def split_prompt_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) where both come from tokenising prompt+completion together."""
+    full, prompt_ids = _encode(tokenizer, [prompt + completion, prompt])
+    return _split(full, prompt_ids)
 
 
 class PairTokenizer:
@@ -62,47 +71,44 @@ class PairTokenizer:
         head = prompt_ids[:1] if bos is not None and prompt_ids[:1] == [bos] else []
         body = prompt_ids[len(head):]
         keep = self.max_prompt_length - len(head)
-        body = body[:keep] if self.truncation == "keep_start" else body[len(body) - keep:]
+        body = body[:keep] if self.truncation == "keep_start" else body[max(0, len(body) - keep):]
         return head + body
 
-    def __call__(self, prompt: str, chosen: str, rejected: str) -> tuple[TokenizedPair, bool]:
-        """The tokenized pair and whether it had to be truncated."""
-        sides = [self._with_specials(*split_prompt_completion(self.tokenizer, prompt, completion))
-                 for completion in (chosen, rejected)]
-        longest_completion = max(len(completion) for _, completion in sides)
-        truncated = False
-        if any(len(p) + longest_completion > self.max_length for p, _ in sides):
-            truncated = True
+    def _assemble(self, sides: list[tuple[list[int], list[int]]]) -> tuple[TokenizedPair, Truncation]:
+        sides = [self._with_specials(p, c) for p, c in sides]
+        longest_prompt = max(len(p) for p, _ in sides)
+        if longest_prompt > self.max_length:
+            raise InvalidRow(f"the prompt has {longest_prompt} tokens, more than data.max_length={self.max_length}")
+        longest_completion = max(len(c) for _, c in sides)
+        cut_prompt = cut_completion = False
+        if longest_prompt + longest_completion > self.max_length:
+            cut_prompt = longest_prompt > self.max_prompt_length
             sides = [(self._truncate_prompt(p), c) for p, c in sides]
             completion_budget = self.max_length - max(len(p) for p, _ in sides)
+            cut_completion = longest_completion > completion_budget
             sides = [(p, c[:completion_budget]) for p, c in sides]
         (chosen_prompt, chosen_completion), (rejected_prompt, rejected_completion) = sides
         pair = TokenizedPair(
             chosen=np.asarray(chosen_prompt + chosen_completion, np.int32),
             rejected=np.asarray(rejected_prompt + rejected_completion, np.int32),
             chosen_prompt_len=len(chosen_prompt), rejected_prompt_len=len(rejected_prompt))
-        return pair, truncated
+        return pair, Truncation(cut_prompt, cut_completion)
 
+    def encode_many(self, texts: list[tuple[str, str, str]]) -> list:
+        """For each (prompt, chosen, rejected): (TokenizedPair, Truncation), or the InvalidRow it raised."""
+        prompts = _encode(self.tokenizer, [p for p, _, _ in texts])
+        fulls = _encode(self.tokenizer, [p + c for p, c, _ in texts] + [p + r for p, _, r in texts])
+        results = []
+        for index, prompt_ids in enumerate(prompts):
+            sides = [_split(fulls[index], prompt_ids), _split(fulls[len(texts) + index], prompt_ids)]
+            try:
+                results.append(self._assemble(sides))
+            except InvalidRow as err:
+                results.append(err)
+        return results
 
-def _check_text(value, column: str, row: int, source: str) -> str:
-    if value is None:
-        raise DataError(f"{source}: row {row} has no '{column}'")
-    if not isinstance(value, str):
-        raise DataError(f"{source}: row {row} column '{column}' must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(f"{source}: row {row} column '{column}' is empty")
-    return value
-
-
-def tokenize_rows(rows: Iterable[dict], pair_tokenizer: PairTokenizer, columns, source: str
-                  ) -> tuple[list[TokenizedPair], TokenizeStats]:
-    """Validates and tokenises plain prompt/chosen/rejected rows; a bad row raises DataError naming it."""
-    pairs, stats = [], TokenizeStats()
-    names = (columns.prompt, columns.chosen, columns.rejected)
-    for index, row in enumerate(rows):
-        prompt, chosen, rejected = (_check_text(row.get(name), name, index, source) for name in names)
-        pair, truncated = pair_tokenizer(prompt, chosen, rejected)
-        pairs.append(pair)
-        stats.pairs += 1
-        stats.truncated += truncated
-    return pairs, stats
+    def __call__(self, prompt: str, chosen: str, rejected: str) -> tuple[TokenizedPair, Truncation]:
+        result = self.encode_many([(prompt, chosen, rejected)])[0]
+        if isinstance(result, InvalidRow):
+            raise result
+        return result

@@ -31,16 +31,22 @@ class LossSettings:
 
 
 def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Forward pass over chosen and rejected rows: per-sequence logps and logit sums, each [B, 2]; MoE models
-    add the router load-balancing loss of the whole forward (`aux_loss`, a scalar, as transformers computes it)."""
-    pairs, _, seq = batch["input_ids"].shape
-    flat = {name: batch[name].reshape(pairs * 2, seq)  # [2B, T]
-            for name in ("input_ids", "segment_ids", "completion_mask")}
+    """Forward pass over chosen and rejected rows: per-pair logps and logit sums, each [B*K, 2] for B rows of
+    K pair slots; MoE models add the router load-balancing loss of the whole forward (`aux_loss`, a scalar,
+    as transformers computes it)."""
+    rows, _, seq = batch["input_ids"].shape
+    slots = batch["pair_mask"].shape[1]
+    flat = {name: batch[name].reshape(rows * 2, seq)  # [2B, T]
+            for name in ("input_ids", "positions", "segment_ids", "completion_mask")}
     model = nnx.merge(graphdef, params)
-    logits, aux_loss = model.forward(flat["input_ids"], segment_ids=flat["segment_ids"])  # [2B, T, V], []
-    logps, logit_sums, counts = completion_logps(logits, flat["input_ids"], flat["completion_mask"])
-    stats = {"logps": logps.reshape(pairs, 2), "logit_sums": logit_sums.reshape(pairs, 2),
-             "counts": counts.reshape(pairs, 2)}
+    logits, aux_loss = model.forward(flat["input_ids"], positions=flat["positions"],
+                                     segment_ids=flat["segment_ids"])  # [2B, T, V], []
+    sums = completion_logps(logits, flat["input_ids"], flat["completion_mask"], flat["segment_ids"], slots)
+
+    def per_pair(values):  # [2B, K] -> [B*K, 2]
+        return values.reshape(rows, 2, slots).transpose(0, 2, 1).reshape(rows * slots, 2)
+
+    stats = dict(zip(("logps", "logit_sums", "counts"), map(per_pair, sums)))
     if model.spec.num_experts:
         stats["aux_loss"] = aux_loss
     return stats
@@ -73,6 +79,7 @@ def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair
     }
     if "aux_loss" in policy:
         per_pair["aux_loss"] = jnp.broadcast_to(policy["aux_loss"], losses.shape)
+    pair_mask = pair_mask.reshape(-1)  # [B, K] -> [B*K]
     sums = {name: jnp.sum(value * pair_mask) for name, value in per_pair.items()}
     return sums["loss"], sums
 
@@ -86,7 +93,7 @@ def finalize_metrics(sums: dict) -> dict:
 
 
 def split_micro_batches(batch: dict, num_micro: int) -> dict:
-    """[B, 2, T] -> [num_micro, B / num_micro, 2, T] (contiguous blocks of pairs)."""
+    """[B, ...] -> [num_micro, B / num_micro, ...] (contiguous blocks of rows)."""
     return jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
 
 

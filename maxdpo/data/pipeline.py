@@ -1,0 +1,231 @@
+"""Rows -> examples -> rendered text -> tokenised pairs, in parallel, cached on disk.
+
+The cache key covers the data (content hash, or the hub dataset's fingerprint), the tokenizer (its full
+serialisation and special tokens) and every setting that changes the output, so a second run with the
+same inputs loads the pairs at once and any change tokenises afresh. Bad rows raise a DataError naming
+the source and row, or with `data.skip_invalid` are dropped and counted; the report (pairs, truncated,
+dropped by reason) is logged at every start, cached or not.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+from maxdpo.data.formats import InvalidRow, RowFormat, as_conversation, detect_format, to_example
+from maxdpo.data.sources import DataError, load_rows, source_fingerprint
+from maxdpo.data.store import PairStore
+from maxdpo.data.templates import ChatRenderer, TemplateError, resolve_template
+from maxdpo.data.tokenize import PairTokenizer
+
+log = logging.getLogger("maxdpo")
+
+CACHE_VERSION = 1
+CHUNK_ROWS = 1024
+MAX_AUTO_PROCESSES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """Everything besides the data and the tokenizer that decides the tokenised pairs."""
+    format: str
+    columns: tuple[str, str, str]
+    chat_template: Optional[str]  # Jinja text; None: plain text stays untemplated
+    template_setting: str  # as configured (auto, a built-in name, ...), for messages
+    system_prompt: Optional[str]
+    max_length: int
+    max_prompt_length: int
+    truncation: str
+    skip_invalid: bool
+
+    @classmethod
+    def from_config(cls, data_cfg, tokenizer) -> "DataSettings":
+        columns = data_cfg.columns
+        return cls(data_cfg.format, (columns.prompt, columns.chosen, columns.rejected),
+                   resolve_template(data_cfg.chat_template, tokenizer), data_cfg.chat_template,
+                   data_cfg.system_prompt, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation,
+                   data_cfg.skip_invalid)
+
+
+@dataclasses.dataclass
+class ChunkResult:
+    pairs: list  # (row index, TokenizedPair)
+    truncated: int = 0  # pairs cut in any way
+    truncated_prompt: int = 0
+    truncated_completion: int = 0
+    invalid: list = dataclasses.field(default_factory=list)  # (row index, reason)
+
+
+class PairBuilder:
+    """Turns raw rows into tokenised pairs; picklable, so worker processes each hold one."""
+
+    def __init__(self, tokenizer, settings: DataSettings, row_format: RowFormat):
+        self.settings = settings
+        self.row_format = row_format
+        self.tokenizer = PairTokenizer(tokenizer, settings.max_length, settings.max_prompt_length, settings.truncation)
+        templated = row_format.kind == "conversational" or settings.template_setting != "auto"
+        self.renderer = (ChatRenderer(tokenizer, settings.chat_template, settings.system_prompt) if templated
+                         else None)
+
+    def _texts(self, row: dict) -> tuple[str, str, str]:
+        example = to_example(row, self.row_format)
+        if self.renderer is None:
+            return example.prompt, example.chosen, example.rejected
+        example = as_conversation(example)
+        try:
+            prompt, chosen = self.renderer(example.prompt, example.chosen)
+            _, rejected = self.renderer(example.prompt, example.rejected)
+        except TemplateError as err:
+            raise InvalidRow(str(err)) from err
+        return prompt, chosen, rejected
+
+    def build(self, rows: list[dict], first_index: int) -> ChunkResult:
+        result, texts, indices = ChunkResult([]), [], []
+        for offset, row in enumerate(rows):
+            try:
+                texts.append(self._texts(row))
+                indices.append(first_index + offset)
+            except InvalidRow as err:
+                result.invalid.append((first_index + offset, str(err)))
+        for index, outcome in zip(indices, self.tokenizer.encode_many(texts)):
+            if isinstance(outcome, InvalidRow):
+                result.invalid.append((index, str(outcome)))
+                continue
+            pair, truncation = outcome
+            result.pairs.append((index, pair))
+            result.truncated += truncation.prompt or truncation.completion
+            result.truncated_prompt += truncation.prompt
+            result.truncated_completion += truncation.completion
+        result.invalid.sort()
+        return result
+
+
+_WORKER_BUILDER: Optional[PairBuilder] = None
+
+
+def _init_worker(builder: PairBuilder) -> None:
+    global _WORKER_BUILDER
+    _WORKER_BUILDER = builder
+
+
+def _build_in_worker(job: tuple[int, list[dict]]) -> ChunkResult:
+    first_index, rows = job
+    return _WORKER_BUILDER.build(rows, first_index)
+
+
+def _chunks(rows, chunk_rows: int):
+    """(first row index, list of row dicts) over the dataset, without loading it whole."""
+    first = 0
+    for columns in rows.iter(batch_size=chunk_rows):
+        names = list(columns)
+        chunk = [dict(zip(names, values)) for values in zip(*columns.values())]
+        yield first, chunk
+        first += len(chunk)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, type(tokenizer).__name__]
+    return hashlib.sha256((vocabulary + json.dumps(specials)).encode()).hexdigest()
+
+
+def cache_directory(data_cfg) -> Path:
+    return Path(data_cfg.cache_dir or os.environ.get("MAXDPO_CACHE_DIR") or Path.home() / ".cache" / "maxdpo")
+
+
+@dataclasses.dataclass
+class PreparedData:
+    store: PairStore
+    report: dict
+    fingerprint: str  # identifies source + tokenizer + settings (the cache key)
+
+
+def _report_line(source: str, report: dict, settings: DataSettings, cached: bool) -> str:
+    line = (f"{source}: {report['rows']} rows -> {report['pairs']} pairs; {report['truncated']} truncated to "
+            f"data.max_length={settings.max_length} ({report['truncated_prompt']} prompts cut to "
+            f"data.max_prompt_length={settings.max_prompt_length}, {report['truncated_completion']} completions cut); "
+            f"{report['dropped']} dropped")
+    if report["dropped"]:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in report["dropped_by_reason"].items())
+        line += f" by data.skip_invalid ({reasons}; first: row {report['first_dropped_row']})"
+    return line + (" [cached]" if cached else "")
+
+
+def _reason_kind(reason: str) -> str:
+    """Groups reasons for the report ('the prompt has 90 tokens ...' and '... 95 tokens ...' alike)."""
+    return re.sub(r"\d+", "N", reason)
+
+
+def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, show_progress: bool = True,
+                  chunk_rows: int = CHUNK_ROWS) -> PreparedData:
+    """The tokenised pairs of `source` (from the cache when the same inputs were seen before)."""
+    settings = DataSettings.from_config(data_cfg, tokenizer)
+    rows = load_rows(source, split)
+    if len(rows) == 0:
+        raise DataError(f"{source} (split '{split}') has no rows")
+    row_format = detect_format(rows.column_names, rows[0], data_cfg.columns, settings.format, source)
+    if row_format.kind == "conversational" and settings.chat_template is None:
+        raise DataError(f"{source} holds conversations but data.chat_template is 'auto' and the tokenizer has no chat "
+                        "template; set data.chat_template to llama3, mistral, gemma, vicuna, chatml or a Jinja template")
+    if settings.system_prompt and settings.chat_template is None:
+        raise DataError("data.system_prompt needs a chat template: set data.chat_template (plain prompts are "
+                        "otherwise used as they are)")
+    key_content = {"version": CACHE_VERSION, "data": source_fingerprint(source, split, rows),
+                   "tokenizer": tokenizer_fingerprint(tokenizer), "settings": dataclasses.asdict(settings),
+                   "row_format": dataclasses.asdict(row_format)}
+    fingerprint = hashlib.sha256(json.dumps(key_content, sort_keys=True).encode()).hexdigest()
+    cache_path = cache_directory(data_cfg) / "tokenized" / f"{fingerprint}.npz"
+    if data_cfg.cache and cache_path.is_file():
+        store, report = PairStore.load(cache_path)
+        log.info(_report_line(source, report, settings, cached=True))
+        return PreparedData(store, report, fingerprint)
+
+    builder = PairBuilder(tokenizer, settings, row_format)
+    processes = data_cfg.num_proc or (min(MAX_AUTO_PROCESSES, os.cpu_count() or 1)
+                                      if len(rows) >= MAX_AUTO_PROCESSES * chunk_rows else 1)
+    pairs, row_indices, dropped = [], [], []
+    truncated = truncated_prompt = truncated_completion = 0
+    progress = tqdm(total=len(rows), desc=f"tokenising {Path(source).name}", unit="rows", disable=not show_progress)
+    pool = (multiprocessing.get_context("spawn").Pool(processes, initializer=_init_worker, initargs=(builder,))
+            if processes > 1 else None)
+    try:
+        results = (pool.imap(_build_in_worker, _chunks(rows, chunk_rows)) if pool is not None
+                   else (builder.build(chunk, first) for first, chunk in _chunks(rows, chunk_rows)))
+        for result in results:
+            if result.invalid and not settings.skip_invalid:
+                row, reason = result.invalid[0]
+                raise DataError(f"{source}: row {row}: {reason} (set data.skip_invalid: true to skip such rows)")
+            dropped += result.invalid
+            for index, pair in result.pairs:
+                row_indices.append(index)
+                pairs.append(pair)
+            truncated += result.truncated
+            truncated_prompt += result.truncated_prompt
+            truncated_completion += result.truncated_completion
+            progress.update(len(result.pairs) + len(result.invalid))
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+    if not pairs:
+        raise DataError(f"{source}: no valid pairs ({len(dropped)} rows skipped as invalid)")
+    report = {"rows": len(rows), "pairs": len(pairs), "truncated": truncated,
+              "truncated_prompt": truncated_prompt, "truncated_completion": truncated_completion,
+              "dropped": len(dropped),
+              "dropped_by_reason": dict(collections.Counter(_reason_kind(r) for _, r in dropped)),
+              "first_dropped_row": dropped[0][0] if dropped else None}
+    store = PairStore.from_pairs(pairs, row_indices)
+    if data_cfg.cache:
+        store.save(cache_path, report)
+    log.info(_report_line(source, report, settings, cached=False))
+    return PreparedData(store, report, fingerprint)
