@@ -181,13 +181,12 @@ def test_completion_lists_repeating_the_prompt_are_stripped():
 
 
 def test_detect_format_forced_and_auto():
-    columns = ColumnsConfig()
-    assert detect_format(["prompt", "chosen", "rejected"], {"chosen": [USER]}, columns, "auto", "s").kind == (
-        "conversational")
-    assert detect_format(["chosen", "rejected"], {"chosen": "x"}, columns, "auto", "s") == RowFormat(
+    columns, string = ColumnsConfig(), datasets.Value("string")
+    features = {"prompt": string, "chosen": string, "rejected": string}
+    assert detect_format(features, {"chosen": [USER]}, columns, "auto", "s").kind == "conversational"
+    assert detect_format({"chosen": string, "rejected": string}, {"chosen": "x"}, columns, "auto", "s") == RowFormat(
         "plain", None, "chosen", "rejected")
-    assert detect_format(["prompt", "chosen", "rejected"], {"chosen": "x"}, columns, "conversational", "s").kind == (
-        "conversational")
+    assert detect_format(features, {"chosen": "x"}, columns, "conversational", "s").kind == "conversational"
 
 
 # -- chat templates -----------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
     pair_tokenizer = PairTokenizer(tokenizer, 32, 16)
     pairs = [pair_tokenizer(row["prompt"], row["chosen"], row["rejected"])[0] for row in ROWS]
     batch = collate([[pair] for pair in pairs], 16, 1, tokenizer.pad_token_id)
-    return policy_hf, ref_hf, tmp, batch
+    return policy_hf, ref_hf, tmp, batch, pairs
 
 
 def _params(path):
@@ -97,7 +97,7 @@ def _step(graphdef, params, ref_params, batch, num_micro, tx_and_schedule=None, 
 
 
 def test_metrics_equal_trl_definitions(setup):
-    policy_hf, ref_hf, tmp, batch = setup
+    policy_hf, ref_hf, tmp, batch, _ = setup
     graphdef, params = _params(tmp / "policy")
     _, ref_params = _params(tmp / "ref")
     _, metrics = _step(graphdef, params, ref_params, batch, num_micro=1)
@@ -109,7 +109,7 @@ def test_metrics_equal_trl_definitions(setup):
 
 
 def test_mixtral_router_aux_loss_enters_loss_and_gradients_as_in_trl(setup, tmp_path):
-    _, _, _, batch = setup
+    _, _, _, batch, _ = setup
     policy_hf = tiny_hf(tmp_path / "policy", "mixtral", seed=0)
     ref_hf = tiny_hf(tmp_path / "ref", "mixtral", seed=1)
     graphdef, params = _params(tmp_path / "policy")
@@ -123,7 +123,7 @@ def test_mixtral_router_aux_loss_enters_loss_and_gradients_as_in_trl(setup, tmp_
 
 
 def test_gradient_accumulation_equals_full_batch(setup):
-    _, _, tmp, batch = setup
+    _, _, tmp, batch, _ = setup
     graphdef, params = _params(tmp / "policy")
     _, ref_params = _params(tmp / "ref")
     sgd = (optax.sgd(1.0), optax.constant_schedule(1.0))  # the update is the gradient itself
@@ -133,6 +133,25 @@ def test_gradient_accumulation_equals_full_batch(setup):
         np.testing.assert_allclose(micro[name], full[name], rtol=1e-5, atol=1e-6, err_msg=name)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  micro_state["params"], full_state["params"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_packed_rows_give_the_step_of_one_pair_per_row(setup, tmp_path, family):
+    """Two rows of two packed pairs each (plus an empty slot row) == four rows of one pair: same metrics and
+    update, so segment ids keep attention, positions (incl. Gemma-2's sliding window) and logps per pair."""
+    _, _, _, batch, pairs = setup
+    tiny_hf(tmp_path / "policy", family, seed=0)
+    tiny_hf(tmp_path / "ref", family, seed=1)
+    graphdef, params = _params(tmp_path / "policy")
+    _, ref_params = _params(tmp_path / "ref")
+    packed = collate([[pairs[0], pairs[1]], [pairs[2], pairs[3]], []], 32, 2, pad_id=0)
+    sgd = (optax.sgd(1.0), optax.constant_schedule(1.0))  # the update is the gradient itself
+    state_one, one = _step(graphdef, params, ref_params, batch, num_micro=1, tx_and_schedule=sgd)
+    state_packed, packed_metrics = _step(graphdef, params, ref_params, packed, num_micro=1, tx_and_schedule=sgd)
+    for name in one:
+        np.testing.assert_allclose(packed_metrics[name], one[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 state_packed["params"], state_one["params"])
 
 
 def test_sigmoid_loss_formula():

@@ -53,8 +53,9 @@ def _is_messages(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
-def detect_format(column_names: list[str], first_row: dict, columns, forced: str, source: str) -> RowFormat:
-    """Picks the column names (configured, else a known set) and the kind of rows."""
+def detect_format(features: dict, first_row: dict, columns, forced: str, source: str) -> RowFormat:
+    """Picks the column names (configured, else a known set) and the kind of rows from the dataset's features."""
+    column_names = list(features)
     names = (columns.prompt, columns.chosen, columns.rejected)
     if names[1] not in column_names or names[2] not in column_names:
         known = next((k for k in KNOWN_COLUMN_SETS if set(k) <= set(column_names)), None)
@@ -63,6 +64,10 @@ def detect_format(column_names: list[str], first_row: dict, columns, forced: str
             raise DataError(f"{source}: missing column(s) {missing}; found {column_names} (see data.columns)")
         names = known
     prompt = names[0] if names[0] in column_names else None
+    for name in (prompt, *names[1:]):
+        if name is not None and type(features[name]).__name__ == "Json":
+            raise DataError(f"{source}: column '{name}' mixes value types across rows (e.g. strings and lists or "
+                            "numbers), which datasets cannot load faithfully; make every row's value the same type")
     if forced != "auto":
         kind = forced
     else:

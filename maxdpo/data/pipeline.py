@@ -173,7 +173,7 @@ def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, show_progress
     rows = load_rows(source, split)
     if len(rows) == 0:
         raise DataError(f"{source} (split '{split}') has no rows")
-    row_format = detect_format(rows.column_names, rows[0], data_cfg.columns, settings.format, source)
+    row_format = detect_format(rows.features, rows[0], data_cfg.columns, settings.format, source)
     if row_format.kind == "conversational" and settings.chat_template is None:
         raise DataError(f"{source} holds conversations but data.chat_template is 'auto' and the tokenizer has no chat "
                         "template; set data.chat_template to llama3, mistral, gemma, vicuna, chatml or a Jinja template")
