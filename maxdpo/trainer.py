@@ -61,7 +61,7 @@ class Trainer:
         self.num_micro = trainer.batch_size // micro
         dp = data_parallel_size(self.mesh, self.rules)
         if micro % dp:
-            raise ConfigError(f"micro batch of {micro} pairs (trainer.micro_batch_size or trainer.batch_size) is not "
+            raise ConfigError(f"micro batch of {micro} rows (trainer.micro_batch_size or trainer.batch_size) is not "
                               f"divisible by the data-parallel size {dp} of mesh {dict(self.mesh.shape)}")
         if not cfg.data.train:
             raise ConfigError("data.train is not set")

@@ -15,6 +15,7 @@ from maxdpo import export, train
 METRIC_NAMES = {"step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                 "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
                 "grad_norm", "learning_rate", "tokens_per_sec"}
+GERMAN_SYSTEM = "Du bist ein freundlicher und hilfreicher deutscher KI-Assistent."
 SHORT = ["trainer.max_steps=6", "trainer.batch_size=8", "trainer.log_every=2", "trainer.eval_every=3",
          "trainer.save_every=3", "trainer.keep_checkpoints=5"]
 
@@ -91,7 +92,7 @@ def test_bad_row_names_file_and_row(tmp_path, capsys):
     data.write_text(json.dumps({"prompt": "add 1 + 2 =", "chosen": " 3", "rejected": " 4"}) + "\n"
                     + json.dumps({"prompt": "add 2 + 2 =", "rejected": " 5"}) + "\n")
     assert train.main([f"data.train={data}", f"run.output_dir={tmp_path / 'run'}"]) == 2
-    assert f"{data}: row 1 has no 'chosen'" in capsys.readouterr().err
+    assert f"{data}: row 1: 'chosen' is missing" in capsys.readouterr().err
 
 
 def test_start_from_hf_checkpoint(tmp_path):
@@ -138,6 +139,40 @@ def test_resume_continues_exactly(tmp_path):
     ids = np.arange(16)[None]
     np.testing.assert_array_equal(np.asarray(maxdpo.load_pretrained(resumed / "hf")(ids)),
                                   np.asarray(maxdpo.load_pretrained(tmp_path / "whole" / "hf")(ids)))
+
+
+def test_chat_data_packed_trains_and_resumes_exactly_mid_epoch(tmp_path, capsys):
+    """ultrafeedback-shaped conversations through the llama3 template, packed several pairs to a row: a run
+    cut after step 2 (mid-epoch) resumes from the checkpointed iterator state to the uninterrupted result;
+    resuming with other data settings is refused."""
+    from pathlib import Path
+    import shutil
+    fixtures = Path(__file__).parent / "data"
+    rows = json.loads((fixtures / "formats" / "ultrafeedback_cleaned.json").read_text())
+    data = tmp_path / "prefs.json"
+    data.write_text(json.dumps([{**row, "prompt": f"{row['prompt']} ({i})", "chosen": [
+        {**row["chosen"][0], "content": f"{row['prompt']} ({i})"}, row["chosen"][1]], "rejected": [
+        {**row["rejected"][0], "content": f"{row['prompt']} ({i})"}, row["rejected"][1]]}
+        for i in range(6) for row in rows]))
+    args = [f"data.train={data}", "data.eval=null",
+            f"tokenizer.path={fixtures / 'chat_tokenizer'}", "model.overrides.vocab_size=400",
+            "model.overrides.max_position_embeddings=256", "data.chat_template=llama3",
+            f"data.system_prompt={GERMAN_SYSTEM}", "data.packing=true", "data.max_length=256",
+            "data.max_prompt_length=96", "trainer.batch_size=8", "trainer.epochs=2", "trainer.save_every=2",
+            "trainer.log_every=1", "trainer.max_steps=-1"]
+    assert train.main(args + [f"run.output_dir={tmp_path / 'whole'}"]) == 0
+    whole = _rows(tmp_path / "whole")
+    assert len(whole) == 6 and whole[1]["epoch"] == pytest.approx(2 / 3)  # 48 pairs packed into 3 steps an epoch
+    resumed = tmp_path / "resumed"
+    assert train.main(args + [f"run.output_dir={resumed}"]) == 0
+    for lost in ("checkpoints/4", "checkpoints/6", "hf"):
+        shutil.rmtree(resumed / lost)
+    assert train.main(args + [f"run.output_dir={resumed}"]) == 0  # resumes at step 2, mid-epoch
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rows]  # noqa: E731
+    assert strip(_rows(resumed)) == strip(whole)
+    capsys.readouterr()
+    assert train.main(args + ["data.max_prompt_length=64", f"run.output_dir={resumed}"]) == 2
+    assert "was written while training on other data or batches" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_good_checkpoints(tmp_path, capsys):

@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 import grain
 import numpy as np
 
+from maxdpo.data.sources import DataError
 from maxdpo.data.store import PairStore
 from maxdpo.data.tokenize import TokenizedPair
 
@@ -131,7 +132,7 @@ def training_schedule(store: PairStore, plan: BatchPlan) -> Schedule:
         rows_per_epoch.append(pack_rows(order, store.lengths, plan.max_length) if plan.packing
                               else [[int(i)] for i in order])
     if len(rows_per_epoch[0]) < plan.batch_size:
-        raise ValueError(f"{len(store)} pairs make {len(rows_per_epoch[0])} rows, too few for one batch of "
+        raise DataError(f"{len(store)} pairs make {len(rows_per_epoch[0])} rows, too few for one batch of "
                          f"{plan.batch_size} (trainer.batch_size)")
     return _schedule(store, rows_per_epoch, plan.batch_size, plan.max_length, keep_partial=False)
 
@@ -215,13 +216,10 @@ class BatchIterator:
 
     def restore(self, state: dict, where: str) -> None:
         if state["fingerprint"] != self.fingerprint:
-            raise ValueError(f"{where} was written while training on other data or batches (the data, tokenizer, "
+            raise DataError(f"{where} was written while training on other data or batches (the data, tokenizer, "
                              "data.* settings, trainer.batch_size, trainer.epochs or run.seed differ); resuming "
                              "would not continue the same run")
         self._iterator.set_state(state["grain"])
-
-    def position(self) -> int:
-        return int(self._iterator.get_state()["next_index"])
 
 
 def batch_iterator(builder: BatchBuilder, fingerprint: str, state: Optional[dict] = None,
