@@ -135,9 +135,10 @@ class Trainer:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             epoch = int(self.batch_schedule.epoch_at(step - 1))
             pairs = self.train_batches.pair_indices(step - 1)
+            rows = self.train_batches.store.rows[pairs[pairs >= 0]].tolist()
             raise NonFiniteLossError(
                 f"loss is {loss} (grad_norm {grad_norm}) at step {step}, global batch {step - 1} (epoch {epoch}; "
-                f"this process's pairs {pairs[pairs >= 0].tolist()}); stopping, the checkpoints in "
+                f"rows {rows} of data.train in this process's share); stopping, the checkpoints in "
                 f"{self.run_dir / 'checkpoints'} are untouched")
 
     def train(self) -> dict:
@@ -156,16 +157,14 @@ class Trainer:
         opt_state = jax.jit(self.optimizer.init)(params)
         state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": opt_state}
         state, state_shardings = self._normalise_shardings(state)
-        start, data_state = 0, None
+        start, batches = 0, batch_iterator(self.train_batches, self.data_fingerprint)
         if latest is not None:
-            data_state = store.read_meta(latest)["data_iterator"]
+            batches.restore(store.read_meta(latest)["data_iterator"], where=f"checkpoint {store.directory / str(latest)}")
             restored = store.restore(latest, abstract_like(state["params"]), abstract_like(state["opt_state"]))
             state = {"step": jax.device_put(jnp.asarray(latest, jnp.int32), replicated(self.mesh)),
                      "params": restored["params"], "opt_state": restored["opt_state"]}
             start = latest
             log.info("resuming from %s at step %d", store.directory / str(latest), latest)
-        batches = batch_iterator(self.train_batches, self.data_fingerprint, data_state,
-                                 where=f"checkpoint {store.directory / str(latest)}")
         train_step = jax.jit(self._train_step,
                              in_shardings=(state_shardings, self.param_shardings, self.batch_shardings),
                              out_shardings=(state_shardings, replicated(self.mesh)), donate_argnums=0)

@@ -115,13 +115,14 @@ def test_iterator_resumes_mid_epoch_from_its_saved_state(store):
     state = iterator.state()
     assert state["grain"]["next_index"] == 13
     rest = [next(iterator) for _ in range(7)]
-    resumed = batch_iterator(builder, "fp", state)
+    resumed = batch_iterator(builder, "fp")
+    resumed.restore(state, "the checkpoint")
     for expected in rest:
         got = next(resumed)
         assert all(np.array_equal(got[k], expected[k]) for k in expected)
     assert len(seen) + len(rest) == 20
     with pytest.raises(ValueError, match="the checkpoint was written while training on other data"):
-        batch_iterator(builder, "other", state)
+        batch_iterator(builder, "other").restore(state, "the checkpoint")
 
 
 def test_collate_masks_prompt_tokens_out_of_the_loss(store):

@@ -19,7 +19,7 @@ in the same slot, so a pair is always (chosen slot k, rejected slot k) of one ro
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional
+from typing import Iterator
 
 import grain
 import numpy as np
@@ -222,9 +222,5 @@ class BatchIterator:
         self._iterator.set_state(state["grain"])
 
 
-def batch_iterator(builder: BatchBuilder, fingerprint: str, state: Optional[dict] = None,
-                   where: str = "the checkpoint") -> BatchIterator:
-    iterator = BatchIterator(batch_dataset(builder), fingerprint)
-    if state is not None:
-        iterator.restore(state, where)
-    return iterator
+def batch_iterator(builder: BatchBuilder, fingerprint: str) -> BatchIterator:
+    return BatchIterator(batch_dataset(builder), fingerprint)
