@@ -122,17 +122,24 @@ def test_mixtral_router_aux_loss_enters_loss_and_gradients_as_in_trl(setup, tmp_
     assert float(metrics["loss"]) - float(without["loss"]) == pytest.approx(0.5 * expected["aux_loss"], rel=1e-5)
 
 
+def _assert_sgd_steps_agree(graphdef, params, ref_params, expected, actual, metrics_rtol):
+    """Steps on (batch, num_micro) `expected` and `actual` give the same metrics and, with SGD at rate 1 (the
+    update is the gradient itself), the same gradient."""
+    sgd = (optax.sgd(1.0), optax.constant_schedule(1.0))
+    (expected_state, expected_metrics), (state, metrics) = (
+        _step(graphdef, params, ref_params, batch, num_micro=num_micro, tx_and_schedule=sgd)
+        for batch, num_micro in (expected, actual))
+    for name in expected_metrics:
+        np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=metrics_rtol, atol=1e-6, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 state["params"], expected_state["params"])
+
+
 def test_gradient_accumulation_equals_full_batch(setup):
     _, _, tmp, batch, _ = setup
     graphdef, params = _params(tmp / "policy")
     _, ref_params = _params(tmp / "ref")
-    sgd = (optax.sgd(1.0), optax.constant_schedule(1.0))  # the update is the gradient itself
-    full_state, full = _step(graphdef, params, ref_params, batch, num_micro=1, tx_and_schedule=sgd)
-    micro_state, micro = _step(graphdef, params, ref_params, batch, num_micro=2, tx_and_schedule=sgd)
-    for name in full:
-        np.testing.assert_allclose(micro[name], full[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 micro_state["params"], full_state["params"])
+    _assert_sgd_steps_agree(graphdef, params, ref_params, (batch, 1), (batch, 2), metrics_rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -145,13 +152,7 @@ def test_packed_rows_give_the_step_of_one_pair_per_row(setup, tmp_path, family):
     graphdef, params = _params(tmp_path / "policy")
     _, ref_params = _params(tmp_path / "ref")
     packed = collate([[pairs[0], pairs[1]], [pairs[2], pairs[3]], []], 32, 2, pad_id=0)
-    sgd = (optax.sgd(1.0), optax.constant_schedule(1.0))  # the update is the gradient itself
-    state_one, one = _step(graphdef, params, ref_params, batch, num_micro=1, tx_and_schedule=sgd)
-    state_packed, packed_metrics = _step(graphdef, params, ref_params, packed, num_micro=1, tx_and_schedule=sgd)
-    for name in one:
-        np.testing.assert_allclose(packed_metrics[name], one[name], rtol=2e-5, atol=1e-6, err_msg=name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 state_packed["params"], state_one["params"])
+    _assert_sgd_steps_agree(graphdef, params, ref_params, (batch, 1), (packed, 1), metrics_rtol=2e-5)
 
 
 def test_sigmoid_loss_formula():

@@ -19,7 +19,6 @@ in the same slot, so a pair is always (chosen slot k, rejected slot k) of one ro
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
 
 import grain
 import numpy as np
@@ -94,16 +93,6 @@ def _to_slots(rows: list[list[int]], slots: int) -> np.ndarray:
     return table
 
 
-def _pad_length(store: PairStore, batch: np.ndarray, buckets: list[int]) -> int:
-    """The bucket holding the longest row of a batch [rows, slots]."""
-    longest = 0
-    for row in batch:
-        pairs = row[row >= 0]
-        if len(pairs):
-            longest = max(longest, int(store.lengths[pairs].sum(axis=0).max()))
-    return next(b for b in buckets if b >= longest)
-
-
 def _slots_needed(rows_per_epoch: list[list[list[int]]]) -> int:
     most = max(len(row) for rows in rows_per_epoch for row in rows)
     return 1 << (most - 1).bit_length()  # a power of two: few distinct shapes across runs
@@ -121,16 +110,21 @@ def _schedule(store: PairStore, rows_per_epoch: list[list[list[int]]], batch_siz
         filled[:min(len(table), len(filled))] = table[:len(filled)]
         batches.append(filled.reshape(steps, batch_size, slots))
         counts.append(steps)
-    rows = np.concatenate(batches)
-    return Schedule(rows, np.asarray([_pad_length(store, b, buckets) for b in rows], np.int32), tuple(counts))
+    rows = np.concatenate(batches)  # [steps, batch rows, slots]
+    side_lengths = np.where(rows[..., None] >= 0, store.lengths[np.maximum(rows, 0)], 0)  # [steps, rows, slots, 2]
+    longest = side_lengths.sum(axis=2).max(axis=(1, 2))  # [steps]: the longest row side of each batch
+    lengths = np.asarray(buckets, np.int32)[np.searchsorted(buckets, longest)]  # the bucket holding it
+    return Schedule(rows, lengths, tuple(counts))
+
+
+def _rows_in_order(store: PairStore, order: np.ndarray, plan: BatchPlan) -> list[list[int]]:
+    """The pairs in `order` as rows: packed, or one pair per row."""
+    return pack_rows(order, store.lengths, plan.max_length) if plan.packing else [[int(i)] for i in order]
 
 
 def training_schedule(store: PairStore, plan: BatchPlan) -> Schedule:
-    rows_per_epoch = []
-    for epoch in range(plan.epochs):
-        order = epoch_order(len(store), plan.seed, epoch, plan.shuffle)
-        rows_per_epoch.append(pack_rows(order, store.lengths, plan.max_length) if plan.packing
-                              else [[int(i)] for i in order])
+    rows_per_epoch = [_rows_in_order(store, epoch_order(len(store), plan.seed, epoch, plan.shuffle), plan)
+                      for epoch in range(plan.epochs)]
     if len(rows_per_epoch[0]) < plan.batch_size:
         raise DataError(f"{len(store)} pairs make {len(rows_per_epoch[0])} rows, too few for one batch of "
                          f"{plan.batch_size} (trainer.batch_size)")
@@ -139,8 +133,7 @@ def training_schedule(store: PairStore, plan: BatchPlan) -> Schedule:
 
 def eval_schedule(store: PairStore, plan: BatchPlan) -> Schedule:
     """Every pair once, in order; the last batch is completed with empty rows."""
-    order = np.arange(len(store))
-    rows = pack_rows(order, store.lengths, plan.max_length) if plan.packing else [[int(i)] for i in order]
+    rows = _rows_in_order(store, np.arange(len(store)), plan)
     return _schedule(store, [rows], plan.batch_size, plan.max_length, keep_partial=True)
 
 
@@ -205,8 +198,8 @@ class BatchIterator:
         self.fingerprint = fingerprint
         self._iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self._iterator
+    def __iter__(self) -> "BatchIterator":
+        return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._iterator)

@@ -59,9 +59,8 @@ class DataSettings:
 @dataclasses.dataclass
 class ChunkResult:
     pairs: list  # (row index, TokenizedPair)
-    truncated: int = 0  # pairs cut in any way
-    truncated_prompt: int = 0
-    truncated_completion: int = 0
+    # truncated (pairs cut in any way), truncated_prompt, truncated_completion
+    truncation: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     invalid: list = dataclasses.field(default_factory=list)  # (row index, reason)
 
 
@@ -102,9 +101,8 @@ class PairBuilder:
                 continue
             pair, truncation = outcome
             result.pairs.append((index, pair))
-            result.truncated += truncation.prompt or truncation.completion
-            result.truncated_prompt += truncation.prompt
-            result.truncated_completion += truncation.completion
+            result.truncation.update(truncated=truncation.prompt or truncation.completion,
+                                     truncated_prompt=truncation.prompt, truncated_completion=truncation.completion)
         result.invalid.sort()
         return result
 
@@ -194,7 +192,7 @@ def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, show_progress
     processes = data_cfg.num_proc or (min(MAX_AUTO_PROCESSES, os.cpu_count() or 1)
                                       if len(rows) >= MAX_AUTO_PROCESSES * chunk_rows else 1)
     pairs, row_indices, dropped = [], [], []
-    truncated = truncated_prompt = truncated_completion = 0
+    truncation = collections.Counter(truncated=0, truncated_prompt=0, truncated_completion=0)
     progress = tqdm(total=len(rows), desc=f"tokenising {Path(source).name}", unit="rows", disable=not show_progress)
     pool = (multiprocessing.get_context("spawn").Pool(processes, initializer=_init_worker, initargs=(builder,))
             if processes > 1 else None)
@@ -209,9 +207,7 @@ def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, show_progress
             for index, pair in result.pairs:
                 row_indices.append(index)
                 pairs.append(pair)
-            truncated += result.truncated
-            truncated_prompt += result.truncated_prompt
-            truncated_completion += result.truncated_completion
+            truncation.update(result.truncation)
             progress.update(len(result.pairs) + len(result.invalid))
     finally:
         progress.close()
@@ -219,9 +215,7 @@ def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, show_progress
             pool.terminate()
     if not pairs:
         raise DataError(f"{source}: no valid pairs ({len(dropped)} rows skipped as invalid)")
-    report = {"rows": len(rows), "pairs": len(pairs), "truncated": truncated,
-              "truncated_prompt": truncated_prompt, "truncated_completion": truncated_completion,
-              "dropped": len(dropped),
+    report = {"rows": len(rows), "pairs": len(pairs), **truncation, "dropped": len(dropped),
               "dropped_by_reason": dict(collections.Counter(_reason_kind(r) for _, r in dropped)),
               "first_dropped_row": dropped[0][0] if dropped else None}
     store = PairStore.from_pairs(pairs, row_indices)

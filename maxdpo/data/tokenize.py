@@ -36,16 +36,11 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def _split(full: list[int], prompt_ids: list[int]) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of prompt+completion's tokens, given the prompt's own tokens."""
     start = len(prompt_ids)
     if full[:start] != prompt_ids:  # the last prompt token merged with the completion's first
         start -= 1
     return full[:start], full[start:]
-
-
-def split_prompt_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) where both come from tokenising prompt+completion together."""
-    full, prompt_ids = _encode(tokenizer, [prompt + completion, prompt])
-    return _split(full, prompt_ids)
 
 
 class PairTokenizer:
