@@ -16,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from maxdpo.data.templates import BUILTIN_TEMPLATES
+from maxdpo.dpo.losses import LOSS_NAMES
 
 DEFAULT_CONFIG = "tiny_llama_dpo.yaml"
 
@@ -165,7 +166,7 @@ CHOICES = {
     "model.remat": ("none", "dots", "full"),
     "data.format": ("auto", "plain", "conversational"),
     "data.truncation": ("keep_start", "keep_end"),
-    "dpo.loss": ("sigmoid",),
+    "dpo.loss": LOSS_NAMES,
     "optimizer.name": ("adamw",),
     "optimizer.schedule": ("linear", "cosine", "constant"),
     "trainer.resume": ("auto", "never"),
@@ -176,14 +177,8 @@ CHOICES = {
 CHAT_TEMPLATE_NAMES = ("auto", *BUILTIN_TEMPLATES)
 
 
-# Keys of the contract whose features have not landed yet: only the inert value is accepted, so a
-# setting is never silently ignored.
-NOT_YET_SUPPORTED = {
-    "reference.precompute": False,
-    "dpo.sft_weight": 0.0,
-    "freeze.trainable": [],
-    "freeze.frozen": [],
-}
+# Losses that read dpo.label_smoothing (ε): cDPO smoothing, rDPO's flip rate, EXO's target distribution.
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair")
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -305,16 +300,21 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if _value(cfg, key) not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {_value(cfg, key)!r}")
-    for key, inert in NOT_YET_SUPPORTED.items():
-        if _value(cfg, key) != inert:
-            raise ConfigError(f"config key '{key}' = {_value(cfg, key)!r} is not supported in this version "
-                              f"(leave it at {inert!r})")
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"config key 'dpo.beta' must be > 0, got {cfg.dpo.beta}")
     if cfg.dpo.router_aux_coef < 0:
         raise ConfigError(f"config key 'dpo.router_aux_coef' must be >= 0, got {cfg.dpo.router_aux_coef}")
     if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError(f"config key 'dpo.label_smoothing' must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
+    if cfg.dpo.label_smoothing and cfg.dpo.loss not in SMOOTHED_LOSSES:
+        raise ConfigError(f"config key 'dpo.label_smoothing' is used by the losses {list(SMOOTHED_LOSSES)} only; "
+                          f"dpo.loss '{cfg.dpo.loss}' would ignore it")
+    if cfg.dpo.loss == "exo_pair" and not cfg.dpo.label_smoothing:
+        raise ConfigError("dpo.loss 'exo_pair' needs dpo.label_smoothing > 0 (its target distribution is "
+                          "[1 - ε, ε]; TRL suggests 1e-3)")
+    for key in ("dpop_lambda", "sft_weight"):
+        if getattr(cfg.dpo, key) < 0:
+            raise ConfigError(f"config key 'dpo.{key}' must be >= 0, got {getattr(cfg.dpo, key)}")
     if cfg.trainer.batch_size <= 0:
         raise ConfigError(f"config key 'trainer.batch_size' must be > 0, got {cfg.trainer.batch_size}")
     micro = cfg.trainer.micro_batch_size

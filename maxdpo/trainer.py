@@ -1,6 +1,7 @@
 """The DPO training loop: feeds batches to the jitted step, logs, evaluates, checkpoints, exports."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -14,12 +15,17 @@ from jax.sharding import NamedSharding
 
 from maxdpo import components
 from maxdpo.checkpoint.hf import save_params, spec_from_pretrained
-from maxdpo.checkpoint.state import CheckpointStore, abstract_like, spec_to_meta
+from maxdpo.checkpoint.state import CheckpointStore, abstract_like, latest_meta, spec_to_meta
 from maxdpo.config import Config, ConfigError, save_config, to_dict
 from maxdpo.data.sources import resolve_path
 from maxdpo.data.loader import BATCH_FIELDS, BatchBuilder, batch_iterator, eval_schedule, training_schedule
+from maxdpo.dpo import precompute
+from maxdpo.dpo.freeze import trainable_split
+from maxdpo.dpo.losses import LossHyper
 from maxdpo.dpo.optim import make_optimizer
-from maxdpo.dpo.step import LossSettings, finalize_metrics, make_eval_step, make_train_step
+from maxdpo.dpo.step import (LossSettings, finalize_metrics, make_eval_step, make_reference_logps,
+                             make_train_step)
+from maxdpo.models.registry import get_family
 from maxdpo.metrics_log import MetricsLog
 from maxdpo.sharding import batch_sharding, data_parallel_size, make_mesh, replicated
 
@@ -28,6 +34,33 @@ log = logging.getLogger("maxdpo")
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient became NaN or inf; the message names the step and batch."""
+
+
+# Settings a resumed run may change: where things run and how often they are logged, saved and exported.
+RESUME_FREE_KEYS = ("run.output_dir", "model.attention", "model.moe_impl", "model.remat", "model.scan_layers",
+                    "data.num_proc", "data.cache", "data.cache_dir", "trainer.eval_every", "trainer.save_every",
+                    "trainer.log_every", "trainer.keep_checkpoints", "trainer.resume", "mesh.", "export.")
+
+
+def _flat_config(content: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in content.items():
+        if isinstance(value, dict) and not (prefix == "model." and key == "overrides"):
+            flat.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumable(cfg: Config, saved: dict, where: str) -> None:
+    """Refuses to continue a run whose checkpoint was written under other training settings."""
+    ours, theirs = _flat_config(to_dict(cfg)), _flat_config(saved)
+    changed = [f"{key}: {theirs.get(key)!r} -> {ours.get(key)!r}" for key in sorted(set(ours) | set(theirs))
+               if ours.get(key) != theirs.get(key) and not key.startswith(RESUME_FREE_KEYS)]
+    if changed:
+        raise ConfigError(f"{where} was written under a different config ({'; '.join(changed)}); resuming would not "
+                          "continue the same run: restore those settings, choose another run.output_dir, or set "
+                          "trainer.resume=never with a fresh folder")
 
 
 def _write_config_atomically(cfg: Config, run_dir: Path) -> None:
@@ -65,6 +98,13 @@ class Trainer:
                               f"divisible by the data-parallel size {dp} of mesh {dict(self.mesh.shape)}")
         if not cfg.data.train:
             raise ConfigError("data.train is not set")
+        newest = latest_meta(self.run_dir / "checkpoints")
+        self.latest = None if newest is None else newest[0]
+        if newest is not None and trainer.resume == "never":
+            raise ConfigError(f"{self.run_dir} already holds checkpoints (newest step {self.latest}) and "
+                              "trainer.resume is 'never'; choose another run.output_dir or set trainer.resume=auto")
+        if newest is not None:
+            check_resumable(cfg, newest[1]["config"], f"checkpoint {self.run_dir / 'checkpoints' / str(self.latest)}")
 
         self.tokenizer = components.load_tokenizer(cfg)
         self.spec = components.build_spec(cfg)
@@ -77,6 +117,7 @@ class Trainer:
         self.batch_schedule = training_schedule(train_data.store, plan)
         self.train_batches = BatchBuilder(train_data.store, self.batch_schedule, plan.pad_id, **process)
         self.data_fingerprint = components.schedule_fingerprint(train_data, plan)
+        self.data_fingerprints = {"train": train_data.fingerprint}
         self.total_steps = len(self.batch_schedule) if trainer.max_steps < 0 else min(trainer.max_steps, len(self.batch_schedule))
         self.eval_batches = None
         if cfg.data.eval:
@@ -84,16 +125,22 @@ class Trainer:
             eval_data = components.prepare_data(cfg.data.eval, cfg.data.eval_split, cfg, self.tokenizer)
             self.eval_batches = BatchBuilder(eval_data.store, eval_schedule(eval_data.store, eval_plan),
                                              eval_plan.pad_id, **process)
+            self.data_fingerprints["eval"] = eval_data.fingerprint
 
         self.graphdef, _, self.param_shardings = components.param_shardings(self.spec, self.mesh, self.rules)
         if cfg.dpo.router_aux_coef and not self.spec.num_experts:
             raise ConfigError(f"dpo.router_aux_coef applies to MoE models; this {self.spec.family} model has no experts")
-        settings = LossSettings(cfg.dpo.loss, cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.router_aux_coef)
+        self.split = trainable_split(self.spec, get_family(self.spec.family), cfg.freeze)
+        settings = LossSettings(cfg.dpo.loss, LossHyper(cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.dpop_lambda),
+                                cfg.dpo.sft_weight, cfg.dpo.router_aux_coef)
         self.optimizer, self.schedule = make_optimizer(cfg.optimizer, self.total_steps)
-        self.batch_shardings = {k: batch_sharding(self.mesh, self.rules, n) for k, n in BATCH_FIELDS.items()}
-        self._train_step = make_train_step(self.graphdef, settings, self.optimizer, self.schedule, self.num_micro)
+        fields = {k: n for k, n in BATCH_FIELDS.items() if k != "ref_logps" or cfg.reference.precompute}
+        self.batch_shardings = {k: batch_sharding(self.mesh, self.rules, n) for k, n in fields.items()}
+        self.ref_shardings = None if cfg.reference.precompute else self.param_shardings
+        self._train_step = make_train_step(self.graphdef, settings, self.optimizer, self.schedule, self.num_micro,
+                                           self.split)
         self.eval_step = jax.jit(make_eval_step(self.graphdef, settings),
-                                 in_shardings=(self.param_shardings, self.param_shardings, self.batch_shardings))
+                                 in_shardings=(self.param_shardings, self.ref_shardings, self.batch_shardings))
 
     # -- state -----------------------------------------------------------------------------------------------
     def initial_params(self) -> dict:
@@ -101,14 +148,38 @@ class Trainer:
             return components.load_sharded_params(self.cfg.model.path, self.spec, self.param_shardings)
         return components.init_params(self.spec, self.param_shardings, self.cfg.run.seed)
 
-    def reference_params(self, initial: dict) -> dict:
+    def reference_params(self, initial: dict, copy: bool = True) -> dict:
+        """`reference.path`'s weights, or the initial policy (copied when training will update `initial`)."""
         if self.cfg.reference.path:
             ref_spec = spec_from_pretrained(resolve_path(self.cfg.reference.path),
                                             **components.runtime_options(self.cfg))[1]
             if spec_to_meta(ref_spec) != spec_to_meta(self.spec):
                 raise ConfigError(f"reference.path {self.cfg.reference.path} has a different architecture than the policy")
             return components.load_sharded_params(self.cfg.reference.path, self.spec, self.param_shardings)
-        return components.copy_params(initial)
+        return components.copy_params(initial) if copy else initial
+
+    def precompute_reference(self, initial: dict) -> None:
+        """Attaches cached (or freshly computed) reference logps to the train and eval batches; the reference
+        weights live only during the pass."""
+        ref_params = self.reference_params(initial, copy=False)
+        compute = jax.jit(make_reference_logps(self.graphdef), out_shardings=replicated(self.mesh),
+                          in_shardings=(self.param_shardings, {k: v for k, v in self.batch_shardings.items()
+                                                               if k != "ref_logps"}))
+        micro = self.cfg.trainer.micro_batch_size or self.cfg.trainer.batch_size
+        for split, builder in (("train", self.train_batches), ("eval", self.eval_batches)):
+            if builder is None:
+                continue
+            walk = builder
+            if split == "train":  # every training pair once, in micro batches
+                plan = components.batch_plan(self.cfg, self.tokenizer, shuffle=False, batch_size=micro)
+                walk = dataclasses.replace(builder, schedule=eval_schedule(builder.store, plan))
+            path = precompute.cache_path(self.run_dir, split, self.data_fingerprints[split], self.cfg)
+            table = precompute.load_or_compute(
+                path, lambda: precompute.compute_table(compute, ref_params, walk, self._to_global), f"data.{split}")
+            setattr(self, f"{split}_batches", dataclasses.replace(builder, reference_logps=table))
+
+    def _to_global(self, batch: dict) -> dict:
+        return _global_batch(batch, self.batch_shardings)
 
     def _normalise_shardings(self, tree):
         """Every array on the mesh: scalars and other unannotated leaves are replicated."""
@@ -144,17 +215,19 @@ class Trainer:
     def train(self) -> dict:
         cfg, trainer = self.cfg, self.cfg.trainer
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        store = CheckpointStore(self.run_dir / "checkpoints", trainer.keep_checkpoints)
-        latest = store.latest_step()
-        if latest is not None and trainer.resume == "never":
-            raise ConfigError(f"{self.run_dir} already holds checkpoints (newest step {latest}) and trainer.resume "
-                              "is 'never'; choose another run.output_dir or set trainer.resume=auto")
+        store, latest = CheckpointStore(self.run_dir / "checkpoints", trainer.keep_checkpoints), self.latest
         if self.is_main:
             _write_config_atomically(cfg, self.run_dir)
 
         params = self.initial_params()
-        ref_params = self.reference_params(params)
-        opt_state = jax.jit(self.optimizer.init)(params)
+        if cfg.reference.precompute:
+            self.precompute_reference(params)
+            ref_params = None
+        else:
+            ref_params = self.reference_params(params)
+        if self.split.freezes_anything:
+            log.info("freeze: %s", self.split.summary(params))
+        opt_state = jax.jit(self.optimizer.init)(self.split.trainable(params))
         state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": opt_state}
         state, state_shardings = self._normalise_shardings(state)
         start, batches = 0, batch_iterator(self.train_batches, self.data_fingerprint)
@@ -166,7 +239,7 @@ class Trainer:
             start = latest
             log.info("resuming from %s at step %d", store.directory / str(latest), latest)
         train_step = jax.jit(self._train_step,
-                             in_shardings=(state_shardings, self.param_shardings, self.batch_shardings),
+                             in_shardings=(state_shardings, self.ref_shardings, self.batch_shardings),
                              out_shardings=(state_shardings, replicated(self.mesh)), donate_argnums=0)
 
         metrics_log = MetricsLog(self.run_dir, self.total_steps, start, enabled=self.is_main)

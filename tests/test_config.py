@@ -34,12 +34,15 @@ def test_unknown_key_names_closest():
     ("dpo.loss=nope", "dpo.loss' must be one of"),
     ("trainer.micro_batch_size=5", "must divide trainer.batch_size"),
     ("model.scan_layers=maybe", "true or false"),
-    ("reference.precompute=true", "'reference.precompute' = True is not supported in this version"),
-    ("freeze.trainable=[embed]", "'freeze.trainable'.*not supported"),
+    ("dpo.label_smoothing=-0.1", "must be in \\[0, 0.5\\)"),
+    ("dpo.loss=hinge dpo.label_smoothing=0.1", "used by the losses .*'hinge' would ignore it"),
+    ("dpo.loss=exo_pair", "'exo_pair' needs dpo.label_smoothing > 0"),
+    ("dpo.dpop_lambda=-1", "dpo.dpop_lambda' must be >= 0"),
+    ("dpo.sft_weight=-1", "dpo.sft_weight' must be >= 0"),
 ])
 def test_bad_values_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_config(None, override.split())
 
 
 def test_override_parsing_and_key_list():

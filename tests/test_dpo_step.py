@@ -14,9 +14,12 @@ from maxdpo.config import OptimizerConfig
 from maxdpo.data.loader import collate
 from maxdpo.data.sources import resolve_path
 from maxdpo.data.tokenize import PairTokenizer
-from maxdpo.dpo.losses import sigmoid_loss
+from maxdpo.config import FreezeConfig
+from maxdpo.dpo.freeze import trainable_split
+from maxdpo.dpo.losses import LossHyper
 from maxdpo.dpo.optim import make_optimizer
 from maxdpo.dpo.step import LossSettings, make_train_step
+from maxdpo.models.registry import get_family
 
 ROWS = [
     {"prompt": "add 1 + 2 =", "chosen": " 3", "rejected": " 4"},
@@ -90,9 +93,11 @@ def trl_reference(policy_hf, ref_hf, batch, aux_coef=0.0):
 
 def _step(graphdef, params, ref_params, batch, num_micro, tx_and_schedule=None, aux_coef=0.0):
     tx, schedule = tx_and_schedule or make_optimizer(OptimizerConfig(learning_rate=1e-2, weight_decay=0.01), 10)
-    settings = LossSettings("sigmoid", BETA, SMOOTHING, router_aux_coef=aux_coef)
-    step = jax.jit(make_train_step(graphdef, settings, tx, schedule, num_micro))
-    state = {"step": np.int32(0), "params": params, "opt_state": tx.init(params)}
+    settings = LossSettings("sigmoid", LossHyper(BETA, SMOOTHING), router_aux_coef=aux_coef)
+    spec = nnx.merge(graphdef, params).spec
+    split = trainable_split(spec, get_family(spec.family), FreezeConfig())
+    step = jax.jit(make_train_step(graphdef, settings, tx, schedule, num_micro, split))
+    state = {"step": np.int32(0), "params": params, "opt_state": tx.init(split.trainable(params))}
     return step(state, ref_params, batch)
 
 
@@ -153,11 +158,3 @@ def test_packed_rows_give_the_step_of_one_pair_per_row(setup, tmp_path, family):
     _, ref_params = _params(tmp_path / "ref")
     packed = collate([[pairs[0], pairs[1]], [pairs[2], pairs[3]], []], 32, 2, pad_id=0)
     _assert_sgd_steps_agree(graphdef, params, ref_params, (batch, 1), (packed, 1), metrics_rtol=2e-5)
-
-
-def test_sigmoid_loss_formula():
-    h = np.array([-2.0, 0.0, 3.0], np.float32)
-    zeros = np.zeros_like(h)
-    got = sigmoid_loss(h, zeros, zeros, zeros, beta=0.5, label_smoothing=0.2)
-    expected = -np.log(1 / (1 + np.exp(-0.5 * h))) * 0.8 - np.log(1 / (1 + np.exp(0.5 * h))) * 0.2
-    np.testing.assert_allclose(got, expected, rtol=1e-6)

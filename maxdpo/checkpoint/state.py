@@ -65,6 +65,18 @@ class CheckpointStore:
         self.manager.close()
 
 
+def latest_meta(directory: str | Path) -> Optional[tuple[int, dict]]:
+    """(step, meta) of the newest complete checkpoint under `directory`, or None; creates nothing."""
+    if not Path(directory).is_dir():
+        return None
+    store = CheckpointStore(directory)
+    try:
+        step = store.latest_step()
+        return None if step is None else (step, store.read_meta(step))
+    finally:
+        store.close()
+
+
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) describing the arrays of `tree`."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

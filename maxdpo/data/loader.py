@@ -13,12 +13,14 @@ A batch (this process's r rows; K pair slots per row: 1, or more when packing) h
   segment_ids      [r, 2, T] int32   k+1 on the tokens of the row's pair slot k, 0 on padding
   completion_mask  [r, 2, T] int32   1 on completion tokens (the tokens whose log-probs count)
   pair_mask        [r, K]    float32 1 for the slots that hold a pair
+  ref_logps        [r, K, 2] float32 precomputed reference logps (chosen, rejected), when given a table
 Packing puts a pair's chosen sequence in the chosen row and its rejected sequence in the rejected row,
 in the same slot, so a pair is always (chosen slot k, rejected slot k) of one row.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import grain
 import numpy as np
@@ -27,7 +29,7 @@ from maxdpo.data.sources import DataError
 from maxdpo.data.store import PairStore
 from maxdpo.data.tokenize import TokenizedPair
 
-BATCH_FIELDS = {"input_ids": 3, "positions": 3, "segment_ids": 3, "completion_mask": 3, "pair_mask": 2}
+BATCH_FIELDS = {"input_ids": 3, "positions": 3, "segment_ids": 3, "completion_mask": 3, "pair_mask": 2, "ref_logps": 3}
 
 
 def bucket_lengths(max_length: int, smallest: int = 16) -> list[int]:
@@ -167,6 +169,7 @@ class BatchBuilder:
     pad_id: int
     process_index: int = 0
     process_count: int = 1
+    reference_logps: Optional[np.ndarray] = None  # [pairs, 2] precomputed reference logps, added to batches
 
     def __post_init__(self):
         rows = self.schedule.rows.shape[1]
@@ -179,8 +182,12 @@ class BatchBuilder:
         return self.schedule.rows[step, self.process_index * share:(self.process_index + 1) * share]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        rows = [[self.store.pair(i) for i in row if i >= 0] for row in self.pair_indices(step)]
-        return collate(rows, int(self.schedule.lengths[step]), self.schedule.rows.shape[2], self.pad_id)
+        indices = self.pair_indices(step)
+        rows = [[self.store.pair(i) for i in row if i >= 0] for row in indices]
+        batch = collate(rows, int(self.schedule.lengths[step]), self.schedule.rows.shape[2], self.pad_id)
+        if self.reference_logps is not None:
+            batch["ref_logps"] = np.where(indices[..., None] >= 0, self.reference_logps[np.maximum(indices, 0)], 0.0)
+        return batch
 
 
 def batch_dataset(builder: BatchBuilder) -> grain.MapDataset:

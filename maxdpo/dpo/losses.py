@@ -1,31 +1,148 @@
-"""Preference losses as pure functions of per-sequence log-probs (TRL's formulas).
+"""Preference losses as pure functions of per-pair log-probs: TRL's DPO family, plus DPOP (Pal et al. 2024).
 
-Each takes log-probs [B] of the policy and the reference on chosen and rejected completions and
-returns the per-pair loss [B].
+Every loss maps `PairLogps` (each field [B], fp32) to a per-pair loss [B]; the step takes their mean over
+the batch's pairs. Notation: c = log πθ(y_w|x) − log π_ref(y_w|x), r = the same for y_l, d = c − r.
 """
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 
-def sigmoid_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: jax.Array,
-                 ref_rejected: jax.Array, *, beta: float, label_smoothing: float = 0.0, **_) -> jax.Array:
-    """DPO (Rafailov et al. 2023), with cDPO label smoothing: -log σ(β·h)(1-ε) - log σ(-β·h)ε."""
-    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)  # [B]
-    return (-jax.nn.log_sigmoid(beta * logits) * (1 - label_smoothing)
-            - jax.nn.log_sigmoid(-beta * logits) * label_smoothing)
+class PairLogps(NamedTuple):
+    policy_chosen: jax.Array  # [B] summed completion log-probs
+    policy_rejected: jax.Array
+    ref_chosen: jax.Array
+    ref_rejected: jax.Array
+    chosen_tokens: jax.Array  # [B] completion token counts
+    rejected_tokens: jax.Array
+    sft_scale: jax.Array  # [] pairs / chosen completion tokens of the whole batch: turns a mean over pairs
+    # of summed NLLs into TRL's mean over the batch's chosen tokens
+
+    @property
+    def chosen_logratios(self) -> jax.Array:
+        return self.policy_chosen - self.ref_chosen
+
+    @property
+    def rejected_logratios(self) -> jax.Array:
+        return self.policy_rejected - self.ref_rejected
+
+    @property
+    def delta(self) -> jax.Array:
+        return self.chosen_logratios - self.rejected_logratios
 
 
-LOSSES: dict[str, Callable[..., jax.Array]] = {
+@dataclasses.dataclass(frozen=True)
+class LossHyper:
+    beta: float
+    label_smoothing: float = 0.0
+    dpop_lambda: float = 50.0
+
+
+log_sigmoid = jax.nn.log_sigmoid
+
+
+def sigmoid_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """DPO (Rafailov et al. 2023) with cDPO label smoothing ε: −(1−ε)·log σ(βd) − ε·log σ(−βd)."""
+    return -(1 - h.label_smoothing) * log_sigmoid(h.beta * x.delta) - h.label_smoothing * log_sigmoid(-h.beta * x.delta)
+
+
+def hinge_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """SLiC: max(0, 1 − βd)."""
+    return jax.nn.relu(1 - h.beta * x.delta)
+
+
+def ipo_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """IPO (Azar et al. 2023, eq. 17) on per-token log-ratios, as TRL normalises it: (c/|y_w| − r/|y_l| − 1/(2β))²."""
+    per_token = x.chosen_logratios / jnp.maximum(x.chosen_tokens, 1.0) - x.rejected_logratios / jnp.maximum(
+        x.rejected_tokens, 1.0)
+    return (per_token - 1 / (2 * h.beta)) ** 2
+
+
+def exo_pair_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """EXO (Ji et al. 2024, eq. 16): KL(softmax(β·[c, r]) ‖ [1−ε, ε]); needs ε > 0."""
+    eps = h.label_smoothing
+    return (jax.nn.sigmoid(h.beta * x.delta) * (log_sigmoid(h.beta * x.delta) - jnp.log1p(-eps))
+            + jax.nn.sigmoid(-h.beta * x.delta) * (log_sigmoid(-h.beta * x.delta) - jnp.log(eps)))
+
+
+def nca_pair_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """NCA (Chen et al. 2024): −log σ(βc) − ½·log σ(−βc) − ½·log σ(−βr)."""
+    chosen, rejected = h.beta * x.chosen_logratios, h.beta * x.rejected_logratios
+    return -log_sigmoid(chosen) - 0.5 * log_sigmoid(-chosen) - 0.5 * log_sigmoid(-rejected)
+
+
+def robust_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """rDPO (Chowdhury et al. 2024): unbiased under label-flip rate ε: [−(1−ε)·log σ(βd) + ε·log σ(−βd)] / (1−2ε)."""
+    eps = h.label_smoothing
+    return (-(1 - eps) * log_sigmoid(h.beta * x.delta) + eps * log_sigmoid(-h.beta * x.delta)) / (1 - 2 * eps)
+
+
+def bco_pair_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """BCO on pairs: −log σ(βc) − log σ(−βr)."""
+    return -log_sigmoid(h.beta * x.chosen_logratios) - log_sigmoid(-h.beta * x.rejected_logratios)
+
+
+def sppo_hard_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """SPPO (Wu et al. 2024) with hard win probabilities: (c − 1/(2β))² + (r + 1/(2β))²."""
+    return (x.chosen_logratios - 0.5 / h.beta) ** 2 + (x.rejected_logratios + 0.5 / h.beta) ** 2
+
+
+def apo_zero_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """APO-zero (D'Oosterlinck et al. 2024, eq. 7): 1 − σ(βc) + σ(βr)."""
+    return 1 - jax.nn.sigmoid(h.beta * x.chosen_logratios) + jax.nn.sigmoid(h.beta * x.rejected_logratios)
+
+
+def apo_down_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """APO-down (eq. 8): σ(βc) + 1 − σ(βd)."""
+    return jax.nn.sigmoid(h.beta * x.chosen_logratios) + 1 - jax.nn.sigmoid(h.beta * x.delta)
+
+
+def sigmoid_norm_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """DPO on per-token log-ratios: −log σ(β·(c/|y_w| − r/|y_l|))."""
+    per_token = x.chosen_logratios / jnp.maximum(x.chosen_tokens, 1.0) - x.rejected_logratios / jnp.maximum(
+        x.rejected_tokens, 1.0)
+    return -log_sigmoid(h.beta * per_token)
+
+
+def sft_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """NLL of the chosen completions; its mean over the batch's pairs is the mean NLL per chosen token (TRL)."""
+    return -x.policy_chosen * x.sft_scale
+
+
+def dpop_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """DPO-Positive (Pal et al. 2024, arXiv 2402.13228, eq. 3): −log σ(β·(d − λ·max(0, −c))), penalising a
+    chosen completion whose likelihood falls below the reference's."""
+    return -log_sigmoid(h.beta * (x.delta - h.dpop_lambda * jax.nn.relu(-x.chosen_logratios)))
+
+
+LOSSES: dict[str, Callable[[PairLogps, LossHyper], jax.Array]] = {
     "sigmoid": sigmoid_loss,
+    "ipo": ipo_loss,
+    "hinge": hinge_loss,
+    "robust": robust_loss,
+    "exo_pair": exo_pair_loss,
+    "nca_pair": nca_pair_loss,
+    "bco_pair": bco_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+    "sigmoid_norm": sigmoid_norm_loss,
+    "sft": sft_loss,
+    "dpop": dpop_loss,
 }
+LOSS_NAMES = tuple(LOSSES)
 
 
-def preference_loss(name: str, policy_chosen, policy_rejected, ref_chosen, ref_rejected, **hyper) -> jax.Array:
+def preference_loss(name: str, x: PairLogps, hyper: LossHyper, sft_weight: float = 0.0) -> jax.Array:
+    """Per-pair loss [B]: `name`'s, plus `sft_weight` × the SFT term (TRL's loss_type=[name, "sft"])."""
     if name not in LOSSES:
-        raise ValueError(f"unknown dpo.loss {name!r}; supported: {sorted(LOSSES)}")
-    return LOSSES[name](policy_chosen.astype(jnp.float32), policy_rejected.astype(jnp.float32),
-                        ref_chosen.astype(jnp.float32), ref_rejected.astype(jnp.float32), **hyper)
+        raise ValueError(f"unknown dpo.loss {name!r}; supported: {list(LOSS_NAMES)}")
+    x = PairLogps(*(jnp.asarray(value, jnp.float32) for value in x))
+    losses = LOSSES[name](x, hyper)
+    if sft_weight:
+        losses = losses + sft_weight * sft_loss(x, hyper)
+    return losses

@@ -7,7 +7,7 @@ exactly the full-batch loss, gradients and metrics. Names and definitions follow
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,8 @@ import optax
 from flax import nnx
 
 from maxdpo.dpo.logps import completion_logps
-from maxdpo.dpo.losses import preference_loss
+from maxdpo.dpo.freeze import TrainableSplit
+from maxdpo.dpo.losses import LossHyper, PairLogps, preference_loss
 
 # Sums over pairs; divided by the number of pairs.
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -25,8 +26,8 @@ PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracie
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
     loss: str
-    beta: float
-    label_smoothing: float
+    hyper: LossHyper
+    sft_weight: float = 0.0  # adds sft_weight x the NLL of the chosen completions (TRL: loss_type=[loss, "sft"])
     router_aux_coef: float = 0.0  # MoE models: adds coef * router load-balancing loss to each pair's loss
 
 
@@ -52,25 +53,36 @@ def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Ar
     return stats
 
 
-def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair_mask: jax.Array
-                     ) -> tuple[jax.Array, dict]:
+def reference_stats(graphdef: nnx.GraphDef, ref_params: Optional[dict], batch: dict) -> dict:
+    """The reference's per-pair logps [B*K, 2]: precomputed ones carried by the batch, or a forward pass."""
+    if "ref_logps" in batch:
+        return {"logps": batch["ref_logps"].reshape(-1, 2)}  # [B, K, 2] -> [B*K, 2]
+    return jax.lax.stop_gradient(sequence_stats(graphdef, ref_params, batch))
+
+
+def sft_scale(batch: dict) -> jax.Array:
+    """Pairs per chosen completion token over the whole batch (see PairLogps.sft_scale)."""
+    return jnp.sum(batch["pair_mask"]) / jnp.maximum(jnp.sum(batch["completion_mask"][:, 0]), 1)
+
+
+def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair_mask: jax.Array,
+                     scale: jax.Array) -> tuple[jax.Array, dict]:
     """(summed loss, metric sums) over the pairs with pair_mask 1; rewards = beta * (policy - reference logps)."""
-    policy_chosen, policy_rejected = policy["logps"][:, 0], policy["logps"][:, 1]
-    ref_chosen, ref_rejected = reference["logps"][:, 0], reference["logps"][:, 1]
-    losses = preference_loss(settings.loss, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                             beta=settings.beta, label_smoothing=settings.label_smoothing)  # [B]
+    logps = PairLogps(policy["logps"][:, 0], policy["logps"][:, 1], reference["logps"][:, 0],
+                      reference["logps"][:, 1], policy["counts"][:, 0], policy["counts"][:, 1], scale)
+    losses = preference_loss(settings.loss, logps, settings.hyper, settings.sft_weight)  # [B]
     if "aux_loss" in policy:
         losses = losses + settings.router_aux_coef * policy["aux_loss"]
-    chosen_rewards = settings.beta * (policy_chosen - ref_chosen)
-    rejected_rewards = settings.beta * (policy_rejected - ref_rejected)
+    chosen_rewards = settings.hyper.beta * logps.chosen_logratios
+    rejected_rewards = settings.hyper.beta * logps.rejected_logratios
     per_pair = {
         "loss": losses,
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
         "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
         "rewards/margins": chosen_rewards - rejected_rewards,
-        "logps/chosen": policy_chosen,
-        "logps/rejected": policy_rejected,
+        "logps/chosen": logps.policy_chosen,
+        "logps/rejected": logps.policy_rejected,
         "logit_sums/chosen": policy["logit_sums"][:, 0],
         "logit_sums/rejected": policy["logit_sums"][:, 1],
         "tokens/chosen": policy["counts"][:, 0],
@@ -98,36 +110,44 @@ def split_micro_batches(batch: dict, num_micro: int) -> dict:
 
 
 def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, num_micro: int) -> Callable:
-    """train_step(state, ref_params, batch) -> (state, metrics); state = {step, params, opt_state}."""
+                    schedule: optax.Schedule, num_micro: int, split: TrainableSplit) -> Callable:
+    """train_step(state, ref_params, batch) -> (state, metrics); state = {step, params, opt_state}.
 
-    def micro_step(params, ref_params, micro):
-        reference = jax.lax.stop_gradient(sequence_stats(graphdef, ref_params, micro))
+    The optimizer sees only `split.trainable(params)`; `ref_params` is None when the batch carries
+    precomputed reference logps.
+    """
+
+    def micro_step(trainable, frozen, ref_params, micro, scale):
+        reference = reference_stats(graphdef, ref_params, micro)
 
         def loss_fn(p):
-            return pair_metric_sums(sequence_stats(graphdef, p, micro), reference, settings, micro["pair_mask"])
+            policy = sequence_stats(graphdef, split.merge(p, frozen), micro)
+            return pair_metric_sums(policy, reference, settings, micro["pair_mask"], scale)
 
-        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         return grads, sums
 
-    def train_step(state: dict[str, Any], ref_params: dict, batch: dict) -> tuple[dict, dict]:
-        params = state["params"]
+    def train_step(state: dict[str, Any], ref_params: Optional[dict], batch: dict) -> tuple[dict, dict]:
+        trainable, frozen = split.trainable(state["params"]), split.frozen(state["params"])
+        scale = sft_scale(batch)
 
         def accumulate(carry, micro):
-            grads, sums = micro_step(params, ref_params, micro)
+            grads, sums = micro_step(trainable, frozen, ref_params, micro, scale)
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
         micro_batches = split_micro_batches(batch, num_micro)
-        zero = jax.eval_shape(micro_step, params, ref_params, jax.tree.map(lambda x: x[0], micro_batches))
+        zero = jax.eval_shape(micro_step, trainable, frozen, ref_params,
+                              jax.tree.map(lambda x: x[0], micro_batches), scale)
         zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
         (grad_sums, sums), _ = jax.lax.scan(accumulate, zero, micro_batches)
-        grads = jax.tree.map(lambda g: g / sums["pairs"], grad_sums)  # gradient of the mean loss over pairs
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        # the gradient of the mean loss over pairs
+        grads = split.zero_frozen_slices(jax.tree.map(lambda g: g / sums["pairs"], grad_sums))
+        updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+        trainable = optax.apply_updates(trainable, split.zero_frozen_slices(updates))
         metrics = finalize_metrics(sums)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state["step"])
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
+        new_state = {"step": state["step"] + 1, "params": split.merge(trainable, frozen), "opt_state": opt_state}
         return new_state, metrics
 
     return train_step
@@ -136,8 +156,18 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
 def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings) -> Callable:
     """eval_step(params, ref_params, batch) -> metric sums (summed over pairs, for averaging over batches)."""
 
-    def eval_step(params: dict, ref_params: dict, batch: dict) -> dict:
-        reference = sequence_stats(graphdef, ref_params, batch)
-        return pair_metric_sums(sequence_stats(graphdef, params, batch), reference, settings, batch["pair_mask"])[1]
+    def eval_step(params: dict, ref_params: Optional[dict], batch: dict) -> dict:
+        reference = reference_stats(graphdef, ref_params, batch)
+        policy = sequence_stats(graphdef, params, batch)
+        return pair_metric_sums(policy, reference, settings, batch["pair_mask"], sft_scale(batch))[1]
 
     return eval_step
+
+
+def make_reference_logps(graphdef: nnx.GraphDef) -> Callable:
+    """reference_logps(ref_params, batch) -> [B*K, 2] summed completion logps (the precompute pass)."""
+
+    def reference_logps(ref_params: dict, batch: dict) -> jax.Array:
+        return sequence_stats(graphdef, ref_params, batch)["logps"]
+
+    return reference_logps

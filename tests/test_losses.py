@@ -1,0 +1,125 @@
+"""The loss functions as pure functions: closed forms from the papers, fixed points, and gradients.
+(Every TRL loss is also compared with TRL's DPOTrainer itself in test_trl_parity.py.)"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxdpo.dpo.losses import LOSS_NAMES, LossHyper, PairLogps, preference_loss
+
+RNG = np.random.default_rng(0)
+
+
+def _logps(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_tokens=None, rejected_tokens=None,
+           sft_scale=1.0):
+    size = len(policy_chosen)
+    return PairLogps(*(np.asarray(v, np.float32) for v in (
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+        np.full(size, 4.0) if chosen_tokens is None else chosen_tokens,
+        np.full(size, 4.0) if rejected_tokens is None else rejected_tokens, sft_scale)))
+
+
+def _random_logps(size=64):
+    return _logps(*(-RNG.uniform(1, 30, size) for _ in range(4)), RNG.integers(1, 20, size).astype(np.float32),
+                  RNG.integers(1, 20, size).astype(np.float32), 0.25)
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def test_dpop_is_the_paper_formula():
+    """Pal et al. 2024, eq. 3: −log σ(β·(c − r − λ·max(0, log π_ref(y_w) − log πθ(y_w))))."""
+    x = _random_logps()
+    beta, lam = 0.3, 50.0
+    c = x.policy_chosen - x.ref_chosen
+    r = x.policy_rejected - x.ref_rejected
+    z = beta * (c - r - lam * np.maximum(0.0, x.ref_chosen - x.policy_chosen))
+    expected = np.logaddexp(0.0, -z.astype(np.float64))  # −log σ(z)
+    got = preference_loss("dpop", x, LossHyper(beta, dpop_lambda=lam))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dpop_equals_dpo_while_the_chosen_likelihood_does_not_fall():
+    x = _random_logps()
+    x = x._replace(policy_chosen=np.maximum(x.policy_chosen, x.ref_chosen))  # c >= 0 everywhere
+    np.testing.assert_allclose(preference_loss("dpop", x, LossHyper(0.2)), preference_loss("sigmoid", x, LossHyper(0.2)),
+                               rtol=1e-6)
+    y = _random_logps()
+    np.testing.assert_allclose(preference_loss("dpop", y, LossHyper(0.2, dpop_lambda=0.0)),
+                               preference_loss("sigmoid", y, LossHyper(0.2)), rtol=1e-6)
+
+
+def test_dpop_pushes_a_fallen_chosen_likelihood_up_harder_than_dpo():
+    """The failure mode DPOP fixes: both likelihoods fall, the margin grows. DPO's gradient on log πθ(y_w)
+    vanishes as the margin grows; DPOP's stays large while log πθ(y_w) < log π_ref(y_w)."""
+    x = _logps([-12.0], [-30.0], [-10.0], [-11.0])  # chosen fell by 2, margin 17
+    def grad(name):
+        return jax.grad(lambda pc: preference_loss(name, x._replace(policy_chosen=pc), LossHyper(0.1))[0])(
+            jnp.asarray(x.policy_chosen))[0]
+    assert abs(float(grad("sigmoid"))) < 0.02
+    assert float(grad("dpop")) < -1.0  # descent raises log πθ(y_w)
+
+
+def test_cdpo_label_smoothing_formula():
+    x = _random_logps()
+    beta, eps = 0.5, 0.2
+    h = (x.policy_chosen - x.policy_rejected) - (x.ref_chosen - x.ref_rejected)
+    expected = -np.log(_sigmoid(beta * h)) * (1 - eps) - np.log(_sigmoid(-beta * h)) * eps
+    np.testing.assert_allclose(preference_loss("sigmoid", x, LossHyper(beta, eps)), expected, rtol=1e-5)
+
+
+def test_robust_loss_is_unbiased_under_label_flips():
+    """rDPO: averaging the loss over a flip with probability ε of chosen/rejected gives back clean DPO."""
+    x = _random_logps()
+    flipped = x._replace(policy_chosen=x.policy_rejected, policy_rejected=x.policy_chosen,
+                         ref_chosen=x.ref_rejected, ref_rejected=x.ref_chosen)
+    eps = 0.3
+    hyper = LossHyper(0.4, eps)
+    expected = (1 - eps) * preference_loss("robust", x, hyper) + eps * preference_loss("robust", flipped, hyper)
+    np.testing.assert_allclose(expected, preference_loss("sigmoid", x, LossHyper(0.4)), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["ipo", "sppo_hard"])
+def test_squared_losses_vanish_at_their_targets(name):
+    beta = 0.25
+    tokens = np.array([3.0, 7.0], np.float32)
+    if name == "ipo":  # per-token log-ratio difference 1/(2β)
+        x = _logps([-5.0, -9.0], [-5.0, -9.0], [-5.0 - tokens[0] / (2 * beta), -9.0], [-5.0, -9.0 + 7.0 / (2 * beta)],
+                   tokens, tokens)
+    else:  # chosen log-ratio +1/(2β), rejected −1/(2β)
+        x = _logps([-3.0, -8.0], [-6.0, -10.0], [-3.0 - 2.0, -8.0 - 2.0], [-6.0 + 2.0, -10.0 + 2.0])
+    np.testing.assert_allclose(preference_loss(name, x, LossHyper(beta)), 0.0, atol=1e-5)
+
+
+def test_apo_and_bco_limits():
+    big = _logps([0.0], [-100.0], [-100.0], [0.0])  # chosen far up, rejected far down
+    # NCA also penalises a chosen reward far above 0 (its −½·log σ(−βc) term): 100 / 2
+    for name, limit in (("apo_zero", 0.0), ("bco_pair", 0.0), ("hinge", 0.0), ("nca_pair", 50.0)):
+        np.testing.assert_allclose(preference_loss(name, big, LossHyper(1.0)), limit, atol=1e-4, err_msg=name)
+    equal = _logps([-5.0], [-5.0], [-5.0], [-5.0])  # policy == reference
+    np.testing.assert_allclose(preference_loss("apo_down", equal, LossHyper(1.0)), 1.0, atol=1e-6)
+    np.testing.assert_allclose(preference_loss("exo_pair", equal, LossHyper(1.0, 0.1)),
+                               0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1), rtol=1e-5)
+
+
+def test_sft_weight_adds_the_token_mean_nll():
+    x = _random_logps()
+    hyper = LossHyper(0.1)
+    extra = preference_loss("sigmoid", x, hyper, sft_weight=0.5) - preference_loss("sigmoid", x, hyper)
+    np.testing.assert_allclose(extra, -0.5 * x.policy_chosen * 0.25, rtol=1e-5)
+
+
+def test_every_loss_is_finite_and_differentiable():
+    x = _random_logps()
+    for name in LOSS_NAMES:
+        hyper = LossHyper(0.1, 1e-3 if name == "exo_pair" else 0.0)
+        values = preference_loss(name, x, hyper)
+        grads = jax.grad(lambda pc: jnp.sum(preference_loss(name, x._replace(policy_chosen=pc), hyper)))(
+            jnp.asarray(x.policy_chosen))
+        assert values.shape == (64,) and np.isfinite(values).all() and np.isfinite(grads).all(), name
+
+
+def test_unknown_loss_is_refused():
+    with pytest.raises(ValueError, match="unknown dpo.loss 'dpoo'"):
+        preference_loss("dpoo", _random_logps(), LossHyper(0.1))

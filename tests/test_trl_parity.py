@@ -1,0 +1,148 @@
+"""Loss, metrics and gradient norm of maxdpo's train step against TRL's DPOTrainer itself, run in-process
+(torch CPU) on the same tiny transformers models (a policy and a *different* reference) and the same batch."""
+import jax
+import numpy as np
+import optax
+import pytest
+import torch
+import trl
+from datasets import Dataset
+from flax import nnx
+from transformers import AutoTokenizer
+
+import maxdpo
+from hf_models import tiny_hf, tiny_llama
+from maxdpo.config import FreezeConfig
+from maxdpo.data.sources import resolve_path
+from maxdpo.dpo.freeze import trainable_split
+from maxdpo.dpo.losses import LossHyper
+from maxdpo.dpo.step import LossSettings, make_eval_step, make_train_step
+from maxdpo.models.registry import get_family
+
+
+ROWS = [
+    {"prompt": "add 1 + 2 =", "chosen": " 3", "rejected": " 4"},
+    {"prompt": "copy a b c :", "chosen": " a b c", "rejected": " a b"},
+    {"prompt": "parity of 7 ?", "chosen": " odd", "rejected": " even"},
+    {"prompt": "next after a ?", "chosen": " b", "rejected": " z y x w"},
+    {"prompt": "reverse x y :", "chosen": " y x", "rejected": " x y x"},
+    {"prompt": "add 2 + 2 =", "chosen": " 4", "rejected": " 5 6"},
+]
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "logits/chosen", "logits/rejected")
+
+# (dpo.loss, beta, label_smoothing, sft_weight): every TRL loss maxdpo offers, several betas, smoothing where
+# TRL reads it, and DPO + SFT (TRL: loss_type=["sigmoid", "sft"], loss_weights=[1, w]). TRL >= 1.0 ignores
+# label_smoothing for "sigmoid"; maxdpo keeps cDPO there (TRL 0.x), checked in test_losses.py.
+CASES = [
+    ("sigmoid", 0.3, 0.0, 0.0),
+    ("sigmoid", 0.1, 0.0, 0.0),
+    ("ipo", 0.5, 0.0, 0.0),
+    ("hinge", 2.0, 0.0, 0.0),
+    ("robust", 0.3, 0.2, 0.0),
+    ("exo_pair", 0.3, 1e-3, 0.0),
+    ("nca_pair", 0.3, 0.0, 0.0),
+    ("bco_pair", 0.3, 0.0, 0.0),
+    ("sppo_hard", 0.3, 0.0, 0.0),
+    ("apo_zero", 0.3, 0.0, 0.0),
+    ("apo_down", 0.3, 0.0, 0.0),
+    ("sigmoid_norm", 0.3, 0.0, 0.0),
+    ("sft", 0.3, 0.0, 0.0),
+    ("sigmoid", 0.3, 0.0, 0.7),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_path("bundled:tiny/tokenizer"))
+
+
+def trl_step(policy_hf, ref_hf, tokenizer, tmp, loss, beta, smoothing, sft_weight, aux_coef=None):
+    """TRL's first training batch, its compute_loss (backward for the gradient norm) and logged metrics."""
+    loss_type, weights = ([loss, "sft"], [1.0, sft_weight]) if sft_weight else ([loss], None)
+    args = trl.DPOConfig(output_dir=str(tmp / "trl"), loss_type=loss_type, loss_weights=weights, beta=beta,
+                         label_smoothing=smoothing, per_device_train_batch_size=len(ROWS), report_to=[],
+                         use_cpu=True, bf16=False, max_length=32,
+                         router_aux_loss_coef=aux_coef)  # bf16 autocast off: compare in fp32
+    trainer = trl.DPOTrainer(model=policy_hf, ref_model=ref_hf, args=args, train_dataset=Dataset.from_list(ROWS),
+                             processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    trainer.model.zero_grad()
+    value = trainer.compute_loss(trainer.model, batch)
+    value.backward()
+    grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in trainer.model.parameters() if p.grad is not None))
+    metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    metrics.update(loss=value.item(), grad_norm=grad_norm.item())
+    return {name: value.numpy() for name, value in batch.items()}, metrics
+
+
+def maxdpo_batch(trl_batch):
+    """TRL's [chosen rows; rejected rows] padded batch in maxdpo's layout: [B, 2, T], one pair per row."""
+    def pairs(values):
+        chosen, rejected = np.split(values.astype(np.int32), 2)
+        return np.stack([chosen, rejected], axis=1)  # [B, 2, T]
+    attention = pairs(trl_batch["attention_mask"])
+    return {"input_ids": pairs(trl_batch["input_ids"]), "positions": np.maximum(np.cumsum(attention, -1) - 1, 0),
+            "segment_ids": attention, "completion_mask": pairs(trl_batch["completion_mask"]),
+            "pair_mask": np.ones((attention.shape[0], 1), np.float32)}
+
+
+def _params(path):
+    graphdef, state = nnx.split(maxdpo.load_pretrained(path))
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def maxdpo_step(tmp, batch, loss, beta, smoothing, sft_weight, aux_coef=0.0, num_micro=1):
+    graphdef, params = _params(tmp / "policy")
+    _, ref_params = _params(tmp / "ref")
+    spec = nnx.merge(graphdef, params).spec
+    settings = LossSettings(loss, LossHyper(beta, smoothing), sft_weight, aux_coef)
+    split = trainable_split(spec, get_family(spec.family), FreezeConfig())
+    tx = optax.sgd(1e-3)
+    step = jax.jit(make_train_step(graphdef, settings, tx, optax.constant_schedule(1e-3), num_micro, split))
+    state = {"step": np.int32(0), "params": params, "opt_state": tx.init(split.trainable(params))}
+    _, metrics = step(state, ref_params, batch)
+    eval_sums = jax.jit(make_eval_step(graphdef, settings))(params, ref_params, batch)
+    return metrics, eval_sums
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("llama")
+    return tiny_llama(tmp / "policy", seed=0), tiny_llama(tmp / "ref", seed=1), tmp
+
+
+@pytest.mark.parametrize("loss,beta,smoothing,sft_weight", CASES)
+def test_train_metrics_equal_trl(llama_pair, tokenizer, loss, beta, smoothing, sft_weight):
+    policy_hf, ref_hf, tmp = llama_pair
+    trl_batch, expected = trl_step(policy_hf, ref_hf, tokenizer, tmp, loss, beta, smoothing, sft_weight)
+    assert 0 < expected["rewards/accuracies"] < 1  # the reference really differs from the policy
+    batch = maxdpo_batch(trl_batch)
+    metrics, eval_sums = maxdpo_step(tmp, batch, loss, beta, smoothing, sft_weight)
+    for name in METRICS + ("grad_norm",):
+        assert float(metrics[name]) == pytest.approx(expected[name], rel=2e-4, abs=1e-5), name
+    # evaluation: sums over pairs of the same quantities
+    pairs = float(eval_sums["pairs"])
+    assert pairs == len(ROWS)
+    for name in METRICS[:7]:
+        assert float(eval_sums[name]) / pairs == pytest.approx(expected[name], rel=2e-4, abs=1e-5), name
+
+
+def test_gradient_accumulation_keeps_trl_values_for_token_normalised_losses(llama_pair, tokenizer):
+    """sft (mean over the batch's tokens) and ipo (per-token ratios) over 3 micro batches of 2 pairs."""
+    policy_hf, ref_hf, tmp = llama_pair
+    for loss, sft_weight in (("ipo", 0.5), ("sft", 0.0)):
+        trl_batch, expected = trl_step(policy_hf, ref_hf, tokenizer, tmp, loss, 0.5, 0.0, sft_weight)
+        metrics, _ = maxdpo_step(tmp, maxdpo_batch(trl_batch), loss, 0.5, 0.0, sft_weight, num_micro=3)
+        for name in ("loss", "grad_norm", "rewards/margins"):
+            assert float(metrics[name]) == pytest.approx(expected[name], rel=2e-4, abs=1e-5), (loss, name)
+
+
+def test_mixtral_router_aux_loss_as_trl(tmp_path, tokenizer):
+    policy_hf = tiny_hf(tmp_path / "policy", "mixtral", seed=0)
+    ref_hf = tiny_hf(tmp_path / "ref", "mixtral", seed=1)
+    trl_batch, expected = trl_step(policy_hf, ref_hf, tokenizer, tmp_path, "sigmoid", 0.3, 0.0, 0.0, aux_coef=0.4)
+    metrics, _ = maxdpo_step(tmp_path, maxdpo_batch(trl_batch), "sigmoid", 0.3, 0.0, 0.0, aux_coef=0.4)
+    for name in METRICS + ("grad_norm", "aux_loss"):
+        assert float(metrics[name]) == pytest.approx(expected[name], rel=2e-4, abs=1e-5), name
