@@ -97,7 +97,7 @@ class DPOConfig:
 @dataclasses.dataclass
 class OptimizerConfig:
     name: str = "adamw"
-    learning_rate: float = 5e-7
+    learning_rate: float = 1e-6  # TRL DPOConfig default
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8

@@ -172,7 +172,7 @@ def test_chat_data_packed_trains_and_resumes_exactly_mid_epoch(tmp_path, capsys)
     assert strip(_rows(resumed)) == strip(whole)
     capsys.readouterr()
     assert train.main(args + ["data.max_prompt_length=64", f"run.output_dir={resumed}"]) == 2
-    assert "was written while training on other data or batches" in capsys.readouterr().err
+    assert "data.max_prompt_length: 96 -> 64" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_good_checkpoints(tmp_path, capsys):
