@@ -8,11 +8,24 @@ from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 
+def _complete_rows(path: Path) -> list[str]:
+    """The file's rows; a last row cut short by a killed process is left out."""
+    lines = path.read_text().splitlines()
+    rows = [line for line in lines[:-1] if line]
+    if lines:
+        try:
+            json.loads(lines[-1])
+            rows.append(lines[-1])
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
 def drop_rows_after(path: Path, step: int) -> None:
     """On resume, rows logged after the restored checkpoint are dropped: they will be logged again."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = [line for line in _complete_rows(path) if json.loads(line)["step"] <= step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
