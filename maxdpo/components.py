@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from transformers import AutoTokenizer
 
@@ -115,4 +116,7 @@ def check_vocab(spec: ModelSpec, tokenizer) -> None:
 
 
 def host_params(params: dict) -> dict:
-    return jax.tree.map(np.asarray, params)
+    """Numpy copies of (possibly multi-process sharded) parameters; every process must call it."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, params)
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))

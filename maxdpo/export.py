@@ -1,7 +1,8 @@
 """`python -m maxdpo.export SRC OUT [--dtype bfloat16]`: a run folder or checkpoint -> Hugging Face folder.
 
 SRC is a run folder (its newest checkpoint), its `checkpoints/` folder, or one `checkpoints/<step>`.
-OUT gets config.json, safetensors shards and, when the run's tokenizer is found, the tokenizer files.
+OUT gets config.json, safetensors shards, the tokenizer files (when the run's tokenizer is found) and a
+model card (README.md) with the hyper-parameters and the evaluations logged up to the exported step.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from maxdpo.checkpoint.safetensors_io import CheckpointError
 from maxdpo.checkpoint.state import CheckpointStore, find_checkpoint, spec_from_meta
 from maxdpo.config import ConfigError, from_dict
 from maxdpo.components import load_tokenizer
+from maxdpo.model_card import write_model_card
 from maxdpo.models.transformer import abstract_model
 
 log = logging.getLogger("maxdpo")
@@ -40,6 +42,8 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: str | None
         load_tokenizer(cfg).save_pretrained(out)
     except (ConfigError, OSError) as err:
         log.warning("tokenizer not exported: %s", err)
+    write_model_card(out, cfg, directory.parent / "metrics.jsonl", step, meta.get("mesh", {}),
+                     meta.get("data_parallel", 1))
     log.info("exported step %d of %s to %s", step, directory, out)
     return out
 

@@ -21,6 +21,10 @@ def _complete_rows(path: Path) -> list[str]:
     return rows
 
 
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in _complete_rows(path)] if path.is_file() else []
+
+
 def drop_rows_after(path: Path, step: int) -> None:
     """On resume, rows logged after the restored checkpoint are dropped: they will be logged again."""
     if not path.is_file():

@@ -27,6 +27,7 @@ from maxdpo.dpo.step import (LossSettings, finalize_metrics, make_eval_step, mak
                              make_train_step)
 from maxdpo.models.registry import get_family
 from maxdpo.metrics_log import MetricsLog
+from maxdpo.model_card import write_model_card
 from maxdpo.sharding import batch_sharding, data_parallel_size, make_mesh, replicated
 
 log = logging.getLogger("maxdpo")
@@ -189,7 +190,8 @@ class Trainer:
         return jax.device_put(tree, shardings), shardings
 
     def meta(self, data_state: dict) -> dict:
-        return {"model": spec_to_meta(self.spec), "config": to_dict(self.cfg), "data_iterator": data_state}
+        return {"model": spec_to_meta(self.spec), "config": to_dict(self.cfg), "data_iterator": data_state,
+                "mesh": dict(self.mesh.shape), "data_parallel": data_parallel_size(self.mesh, self.rules)}
 
     # -- loop ------------------------------------------------------------------------------------------------
     def evaluate(self, params: dict, ref_params: dict) -> dict:
@@ -284,11 +286,17 @@ class Trainer:
         finally:
             metrics_log.close()
             store.close()
-        if cfg.export.hf and self.is_main:
-            self.export(state["params"], self.run_dir / "hf")
+        if cfg.export.hf:
+            self.export(state["params"], self.run_dir / "hf", self.total_steps)
         return {"train": last_row, "eval": eval_row, "steps": self.total_steps, "run_dir": str(self.run_dir)}
 
-    def export(self, params: dict, out_dir: Path) -> None:
-        save_params(self.spec, components.host_params(params), out_dir, self.cfg.export.dtype)
+    def export(self, params: dict, out_dir: Path, step: int) -> None:
+        """Weights, tokenizer and model card; every process takes part in gathering, the first one writes."""
+        host = components.host_params(params)
+        if not self.is_main:
+            return
+        save_params(self.spec, host, out_dir, self.cfg.export.dtype)
         self.tokenizer.save_pretrained(out_dir)
+        write_model_card(out_dir, self.cfg, self.run_dir / "metrics.jsonl", step, dict(self.mesh.shape),
+                         data_parallel_size(self.mesh, self.rules))
         log.info("exported Hugging Face model to %s", out_dir)

@@ -56,11 +56,40 @@ def test_final_export_loads_in_transformers_with_same_logits(short_run):
     assert np.abs(ours - theirs).max() < 1e-4
 
 
+NOTUX_HEADER = ("| Training Loss | Epoch | Step | Validation Loss | Rewards/chosen | Rewards/rejected | Rewards/accuracies "
+                "| Rewards/margins | Logps/rejected | Logps/chosen | Logits/rejected | Logits/chosen |")
+
+
+def _table(card):
+    lines = card.splitlines()
+    start = lines.index(NOTUX_HEADER)
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_model_card_has_hyperparameters_and_the_notux_results_table(short_run):
+    card = (short_run / "hf" / "README.md").read_text()
+    assert "- learning_rate: 0.001" in card and "- total_train_batch_size: 8" in card and "- beta: 0.1" in card
+    assert "- lr_scheduler_type: linear" in card and "- lr_scheduler_warmup_ratio: 0.1" in card
+    rows = _rows(short_run)
+    evals = [r for r in rows if "eval_loss" in r]
+    table = _table(card)
+    assert [row[2] for row in table] == ["3", "6"]
+    last_train_loss = [r["loss"] for r in rows if "loss" in r and r["step"] <= 3][-1]
+    assert table[0][:4] == [f"{last_train_loss:.4f}", f"{evals[0]['epoch']:.2f}", "3", f"{evals[0]['eval_loss']:.4f}"]
+    assert table[1][8] == f"{evals[1]['eval_logps/rejected']:.4f}" and table[1][11] == f"{evals[1]['eval_logits/chosen']:.4f}"
+
+
 def test_export_cli_from_checkpoint(short_run, tmp_path):
     assert export.main([str(short_run / "checkpoints" / "3"), str(tmp_path / "step3"), "--dtype", "bfloat16"]) == 0
     config = json.loads((tmp_path / "step3" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["model_type"] == "llama"
     assert (tmp_path / "step3" / "tokenizer.json").is_file()
+    assert [row[2] for row in _table((tmp_path / "step3" / "README.md").read_text())] == ["3"]
     assert export.main([str(short_run), str(tmp_path / "last")]) == 0  # newest checkpoint (6) = final export
     last = maxdpo.load_pretrained(tmp_path / "last")
     final = maxdpo.load_pretrained(short_run / "hf")

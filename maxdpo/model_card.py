@@ -1,0 +1,105 @@
+"""The exported model's README.md: hyper-parameters and a results table in the layout of the Hugging Face
+Trainer's cards (Training Loss, Epoch, Step, Validation Loss, Rewards/*, Logps/*, Logits/*), one row per
+evaluation, built from the run's metrics.jsonl."""
+from __future__ import annotations
+
+import importlib.metadata
+import math
+from pathlib import Path
+
+from maxdpo.config import Config
+from maxdpo.metrics_log import read_rows
+
+LOSS_TITLES = {"sigmoid": "DPO (Direct Preference Optimization)", "dpop": "DPOP (DPO-Positive)", "ipo": "IPO",
+               "hinge": "SLiC (hinge)", "robust": "robust DPO", "exo_pair": "EXO", "nca_pair": "NCA",
+               "bco_pair": "BCO", "sppo_hard": "SPPO", "apo_zero": "APO-zero", "apo_down": "APO-down",
+               "sigmoid_norm": "length-normalised DPO", "sft": "supervised fine-tuning"}
+# (column title, eval metric) after Training Loss, Epoch, Step, in the Notux card's order.
+EVAL_COLUMNS = (("Validation Loss", "eval_loss"), ("Rewards/chosen", "eval_rewards/chosen"),
+                ("Rewards/rejected", "eval_rewards/rejected"), ("Rewards/accuracies", "eval_rewards/accuracies"),
+                ("Rewards/margins", "eval_rewards/margins"), ("Logps/rejected", "eval_logps/rejected"),
+                ("Logps/chosen", "eval_logps/chosen"), ("Logits/rejected", "eval_logits/rejected"),
+                ("Logits/chosen", "eval_logits/chosen"))
+FRAMEWORKS = (("maxdpo", "maxdpo"), ("JAX", "jax"), ("Flax", "flax"), ("Optax", "optax"), ("Orbax", "orbax-checkpoint"),
+              ("Transformers", "transformers"), ("Datasets", "datasets"), ("Tokenizers", "tokenizers"))
+
+
+def results_table(rows: list[dict]) -> str:
+    """One line per evaluation; Training Loss is the last training loss logged at or before that step."""
+    header = ["Training Loss", "Epoch", "Step"] + [title for title, _ in EVAL_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":" + "-" * (len(h) - 2) + ":" for h in header) + "|"]
+    train_loss = None
+    for row in rows:
+        if "loss" in row:
+            train_loss = row["loss"]
+        if "eval_loss" in row:
+            cells = ["No log" if train_loss is None else f"{train_loss:.4f}", f"{row['epoch']:.2f}", str(row["step"])]
+            cells += [f"{row[metric]:.4f}" for _, metric in EVAL_COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def hyperparameters(cfg: Config, mesh: dict[str, int], data_parallel: int) -> list[str]:
+    trainer, opt, dpo = cfg.trainer, cfg.optimizer, cfg.dpo
+    num_devices = math.prod(mesh.values())
+    micro = trainer.micro_batch_size or trainer.batch_size
+    lines = [f"learning_rate: {opt.learning_rate:g}", f"train_batch_size: {micro // data_parallel}",
+             f"eval_batch_size: {micro // data_parallel}", f"seed: {cfg.run.seed}",
+             f"distributed_type: {'multi-device' if num_devices > 1 else 'single device'} (JAX mesh {mesh})",
+             f"num_devices: {num_devices}", f"gradient_accumulation_steps: {trainer.batch_size // micro}",
+             f"total_train_batch_size: {trainer.batch_size}", f"total_eval_batch_size: {micro}",
+             f"optimizer: Adam with betas=({opt.b1},{opt.b2}) and epsilon={opt.eps:g}, weight_decay={opt.weight_decay:g}",
+             f"lr_scheduler_type: {opt.schedule}"]
+    if opt.warmup_steps:
+        lines.append(f"lr_scheduler_warmup_steps: {opt.warmup_steps}")
+    elif opt.warmup_ratio:
+        lines.append(f"lr_scheduler_warmup_ratio: {opt.warmup_ratio:g}")
+    lines += [f"num_epochs: {trainer.epochs}"] + ([f"training_steps: {trainer.max_steps}"] if trainer.max_steps > 0 else [])
+    lines += [f"max_grad_norm: {opt.max_grad_norm:g}", f"loss: {dpo.loss}", f"beta: {dpo.beta:g}"]
+    if dpo.label_smoothing:
+        lines.append(f"label_smoothing: {dpo.label_smoothing:g}")
+    if dpo.loss == "dpop":
+        lines.append(f"dpop_lambda: {dpo.dpop_lambda:g}")
+    if dpo.sft_weight:
+        lines.append(f"sft_weight: {dpo.sft_weight:g}")
+    if dpo.router_aux_coef:
+        lines.append(f"router_aux_coef: {dpo.router_aux_coef:g}")
+    lines += [f"compute_dtype: {cfg.model.dtype}, param_dtype: {cfg.model.param_dtype}",
+              f"max_length: {cfg.data.max_length}, max_prompt_length: {cfg.data.max_prompt_length}"]
+    if cfg.freeze.trainable or cfg.freeze.frozen:
+        lines.append(f"freeze: trainable={cfg.freeze.trainable}, frozen={cfg.freeze.frozen}")
+    return lines
+
+
+def render(cfg: Config, rows: list[dict], mesh: dict[str, int], data_parallel: int) -> str:
+    base = cfg.model.path or f"a randomly initialised {cfg.model.family} model"
+    data = cfg.data.train
+    front = ["---", "library_name: transformers", *([f"base_model: {cfg.model.path}"] if cfg.model.path else []),
+             "tags:", "- maxdpo", "- dpo", f"- {cfg.dpo.loss}", "datasets:", f"- {data}", "model-index:",
+             f"- name: {cfg.run.name}", "  results: []", "---"]
+    body = [f"# {cfg.run.name}",
+            f"This model is a preference-tuned version of {base} on {data} using "
+            f"{LOSS_TITLES[cfg.dpo.loss]}, trained with maxdpo (JAX).",
+            "## Training procedure", "### Training hyperparameters",
+            "The following hyperparameters were used during training:",
+            *(f"- {line}" for line in hyperparameters(cfg, mesh, data_parallel)),
+            "### Training results", results_table(rows) if any("eval_loss" in r for r in rows)
+            else "No evaluation was run (data.eval not set).",
+            "### Framework versions", *(f"- {name} {_version(package)}" for name, package in FRAMEWORKS)]
+    return "\n".join(front + body) + "\n"
+
+
+def write_model_card(out_dir: Path, cfg: Config, metrics_path: Path, step: int, mesh: dict[str, int],
+                     data_parallel: int) -> Path:
+    """README.md in `out_dir`, with the results logged in `metrics_path` up to `step`."""
+    rows = [row for row in read_rows(metrics_path) if row["step"] <= step]
+    path = Path(out_dir) / "README.md"
+    path.write_text(render(cfg, rows, mesh, data_parallel))
+    return path
