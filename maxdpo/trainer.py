@@ -110,8 +110,9 @@ class Trainer:
         self.tokenizer = components.load_tokenizer(cfg)
         self.spec = components.build_spec(cfg)
         components.check_vocab(self.spec, self.tokenizer)
-        log.info("model: %s, %.2fM parameters, %d layers; mesh %s", self.spec.family, self.spec.num_params() / 1e6,
-                 self.spec.num_layers, dict(self.mesh.shape))
+        log.info("model: %s, %.2fM parameters, %d layers; mesh %s; process %d of %d", self.spec.family,
+                 self.spec.num_params() / 1e6, self.spec.num_layers, dict(self.mesh.shape), jax.process_index(),
+                 jax.process_count())
         process = dict(process_index=jax.process_index(), process_count=jax.process_count())
         plan = components.batch_plan(cfg, self.tokenizer)
         train_data = components.prepare_data(cfg.data.train, cfg.data.train_split, cfg, self.tokenizer)
