@@ -1,6 +1,8 @@
 """The DPO train and eval steps: pure functions of (state, reference params, batch), jitted by the trainer.
 
-Chosen and rejected rows go through one forward ([B, 2, T] -> [2B, T]). Metrics are accumulated as sums
+Chosen and rejected rows go through one forward ([B, 2, T] -> [2B, T]); the reference's logps come from
+its own forward or, precomputed, from the batch (reference params None). Only the trainable part of
+the parameters (`TrainableSplit`) is differentiated and updated. Metrics are accumulated as sums
 over pairs and completion tokens and divided once, so gradient accumulation over micro-batches gives
 exactly the full-batch loss, gradients and metrics. Names and definitions follow TRL.
 """
