@@ -109,6 +109,13 @@ def test_existing_checkpoints_are_never_overwritten(short_run, capsys):
     (["trainer.bacth_size=4"], "unknown config key 'trainer.bacth_size' (did you mean 'trainer.batch_size'?)"),
     (["data.train=/nonexistent/prefs.jsonl"], "data file not found: /nonexistent/prefs.jsonl"),
     (["model.path=/nonexistent_model"], "model folder /nonexistent_model has no config.json"),
+    (["trainer.batch_size=12"], "micro batch of 12 rows (trainer.micro_batch_size or trainer.batch_size) is not "
+                                "divisible by the data-parallel size 8"),
+    (["trainer.batch_size=16", "trainer.micro_batch_size=4"], "micro batch of 4 rows"),
+    (["dpo.loss=dpo"], "config key 'dpo.loss' must be one of ['sigmoid', 'ipo'"),
+    (["dpo.label_smoothing=0.5"], "'dpo.label_smoothing' must be in [0, 0.5), got 0.5"),
+    (["dpo.beta=-1"], "'dpo.beta' must be > 0"),
+    (["freeze.frozen=[nothing_matches]"], "['nothing_matches'] match no tensor of this llama model"),
 ])
 def test_bad_input_stops_with_clear_message(tmp_path, capsys, overrides, message):
     assert train.main(overrides + [f"run.output_dir={tmp_path / 'run'}"]) == 2
