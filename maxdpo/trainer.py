@@ -93,19 +93,19 @@ class Trainer:
         trainer = cfg.trainer
         micro = trainer.micro_batch_size or trainer.batch_size
         self.num_micro = trainer.batch_size // micro
-        dp = data_parallel_size(self.mesh, self.rules)
+        self.data_parallel = dp = data_parallel_size(self.mesh, self.rules)
         if micro % dp:
             raise ConfigError(f"micro batch of {micro} rows (trainer.micro_batch_size or trainer.batch_size) is not "
                               f"divisible by the data-parallel size {dp} of mesh {dict(self.mesh.shape)}")
         if not cfg.data.train:
             raise ConfigError("data.train is not set")
         newest = latest_meta(self.run_dir / "checkpoints")
-        self.latest = None if newest is None else newest[0]
+        self.latest, self.resume_meta = newest if newest is not None else (None, None)
         if newest is not None and trainer.resume == "never":
             raise ConfigError(f"{self.run_dir} already holds checkpoints (newest step {self.latest}) and "
                               "trainer.resume is 'never'; choose another run.output_dir or set trainer.resume=auto")
         if newest is not None:
-            check_resumable(cfg, newest[1]["config"], f"checkpoint {self.run_dir / 'checkpoints' / str(self.latest)}")
+            check_resumable(cfg, self.resume_meta["config"], f"checkpoint {self.run_dir / 'checkpoints' / str(self.latest)}")
 
         self.tokenizer = components.load_tokenizer(cfg)
         self.spec = components.build_spec(cfg)
@@ -192,7 +192,7 @@ class Trainer:
 
     def meta(self, data_state: dict) -> dict:
         return {"model": spec_to_meta(self.spec), "config": to_dict(self.cfg), "data_iterator": data_state,
-                "mesh": dict(self.mesh.shape), "data_parallel": data_parallel_size(self.mesh, self.rules)}
+                "mesh": dict(self.mesh.shape), "data_parallel": self.data_parallel}
 
     # -- loop ------------------------------------------------------------------------------------------------
     def evaluate(self, params: dict, ref_params: dict) -> dict:
@@ -235,7 +235,7 @@ class Trainer:
         state, state_shardings = self._normalise_shardings(state)
         start, batches = 0, batch_iterator(self.train_batches, self.data_fingerprint)
         if latest is not None:
-            batches.restore(store.read_meta(latest)["data_iterator"], where=f"checkpoint {store.directory / str(latest)}")
+            batches.restore(self.resume_meta["data_iterator"], where=f"checkpoint {store.directory / str(latest)}")
             restored = store.restore(latest, abstract_like(state["params"]), abstract_like(state["opt_state"]))
             state = {"step": jax.device_put(jnp.asarray(latest, jnp.int32), replicated(self.mesh)),
                      "params": restored["params"], "opt_state": restored["opt_state"]}
@@ -299,5 +299,5 @@ class Trainer:
         save_params(self.spec, host, out_dir, self.cfg.export.dtype)
         self.tokenizer.save_pretrained(out_dir)
         write_model_card(out_dir, self.cfg, self.run_dir / "metrics.jsonl", step, dict(self.mesh.shape),
-                         data_parallel_size(self.mesh, self.rules))
+                         self.data_parallel)
         log.info("exported Hugging Face model to %s", out_dir)

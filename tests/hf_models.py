@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 import transformers
+from flax import nnx
+
+import maxdpo
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -46,6 +49,12 @@ def tiny_llama(tmp_path, *, tie_word_embeddings=False, rope_scaling=LLAMA3_ROPE,
     rope = {"rope_theta": 500000.0, **(rope_scaling or {"rope_type": "default"})}
     return tiny_hf(tmp_path, "llama", seed, tie_word_embeddings=tie_word_embeddings, rope_parameters=rope,
                    **overrides)
+
+
+def maxdpo_params(path):
+    """(graphdef, pure parameter dict) of the HF folder `path` loaded by maxdpo."""
+    graphdef, state = nnx.split(maxdpo.load_pretrained(path))
+    return graphdef, nnx.to_pure_dict(state)
 
 
 def hf_logits(model, input_ids, attention_mask=None):

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from flax import nnx
 from transformers import AutoTokenizer
 
-import maxdpo
-from hf_models import tiny_hf, tiny_llama
+from hf_models import maxdpo_params, tiny_hf, tiny_llama
 from maxdpo.config import OptimizerConfig
 from maxdpo.data.loader import collate
 from maxdpo.data.sources import resolve_path
@@ -40,12 +39,6 @@ def setup(tmp_path_factory):
     pairs = [pair_tokenizer(row["prompt"], row["chosen"], row["rejected"])[0] for row in ROWS]
     batch = collate([[pair] for pair in pairs], 16, 1, tokenizer.pad_token_id)
     return policy_hf, ref_hf, tmp, batch, pairs
-
-
-def _params(path):
-    model = maxdpo.load_pretrained(path)
-    graphdef, state = nnx.split(model)
-    return graphdef, nnx.to_pure_dict(state)
 
 
 def trl_reference(policy_hf, ref_hf, batch, aux_coef=0.0):
@@ -103,8 +96,8 @@ def _step(graphdef, params, ref_params, batch, num_micro, tx_and_schedule=None, 
 
 def test_metrics_equal_trl_definitions(setup):
     policy_hf, ref_hf, tmp, batch, _ = setup
-    graphdef, params = _params(tmp / "policy")
-    _, ref_params = _params(tmp / "ref")
+    graphdef, params = maxdpo_params(tmp / "policy")
+    _, ref_params = maxdpo_params(tmp / "ref")
     _, metrics = _step(graphdef, params, ref_params, batch, num_micro=1)
     expected = trl_reference(policy_hf, ref_hf, batch)
     assert 0 < expected["rewards/accuracies"] < 1  # the reference really differs
@@ -117,8 +110,8 @@ def test_mixtral_router_aux_loss_enters_loss_and_gradients_as_in_trl(setup, tmp_
     _, _, _, batch, _ = setup
     policy_hf = tiny_hf(tmp_path / "policy", "mixtral", seed=0)
     ref_hf = tiny_hf(tmp_path / "ref", "mixtral", seed=1)
-    graphdef, params = _params(tmp_path / "policy")
-    _, ref_params = _params(tmp_path / "ref")
+    graphdef, params = maxdpo_params(tmp_path / "policy")
+    _, ref_params = maxdpo_params(tmp_path / "ref")
     _, metrics = _step(graphdef, params, ref_params, batch, num_micro=1, aux_coef=0.5)
     expected = trl_reference(policy_hf, ref_hf, batch, aux_coef=0.5)
     for name, value in expected.items():
@@ -142,8 +135,8 @@ def _assert_sgd_steps_agree(graphdef, params, ref_params, expected, actual, metr
 
 def test_gradient_accumulation_equals_full_batch(setup):
     _, _, tmp, batch, _ = setup
-    graphdef, params = _params(tmp / "policy")
-    _, ref_params = _params(tmp / "ref")
+    graphdef, params = maxdpo_params(tmp / "policy")
+    _, ref_params = maxdpo_params(tmp / "ref")
     _assert_sgd_steps_agree(graphdef, params, ref_params, (batch, 1), (batch, 2), metrics_rtol=1e-5)
 
 
@@ -154,7 +147,7 @@ def test_packed_rows_give_the_step_of_one_pair_per_row(setup, tmp_path, family):
     _, _, _, batch, pairs = setup
     tiny_hf(tmp_path / "policy", family, seed=0)
     tiny_hf(tmp_path / "ref", family, seed=1)
-    graphdef, params = _params(tmp_path / "policy")
-    _, ref_params = _params(tmp_path / "ref")
+    graphdef, params = maxdpo_params(tmp_path / "policy")
+    _, ref_params = maxdpo_params(tmp_path / "ref")
     packed = collate([[pairs[0], pairs[1]], [pairs[2], pairs[3]], []], 32, 2, pad_id=0)
     _assert_sgd_steps_agree(graphdef, params, ref_params, (batch, 1), (packed, 1), metrics_rtol=2e-5)

@@ -10,6 +10,8 @@ import time
 import numpy as np
 from safetensors.numpy import load_file
 
+from maxdpo.metrics_log import read_rows
+
 ARGS = ["trainer.max_steps=200", "trainer.save_every=40", "trainer.log_every=10", "trainer.eval_every=50"]
 
 
@@ -19,16 +21,8 @@ def _launch(run_dir, cwd):
 
 
 def _logged_steps(run_dir):
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            steps.append(json.loads(line)["step"])
-        except json.JSONDecodeError:
-            pass
-    return steps
+    """Steps logged so far by a running process (read_rows skips a row being written)."""
+    return [row["step"] for row in read_rows(run_dir / "metrics.jsonl")]
 
 
 def _stream(run_dir):

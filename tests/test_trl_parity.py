@@ -10,8 +10,7 @@ from datasets import Dataset
 from flax import nnx
 from transformers import AutoTokenizer
 
-import maxdpo
-from hf_models import tiny_hf, tiny_llama
+from hf_models import maxdpo_params, tiny_hf, tiny_llama
 from maxdpo.config import FreezeConfig
 from maxdpo.data.sources import resolve_path
 from maxdpo.dpo.freeze import trainable_split
@@ -88,14 +87,9 @@ def maxdpo_batch(trl_batch):
             "pair_mask": np.ones((attention.shape[0], 1), np.float32)}
 
 
-def _params(path):
-    graphdef, state = nnx.split(maxdpo.load_pretrained(path))
-    return graphdef, nnx.to_pure_dict(state)
-
-
 def maxdpo_step(tmp, batch, loss, beta, smoothing, sft_weight, aux_coef=0.0, num_micro=1):
-    graphdef, params = _params(tmp / "policy")
-    _, ref_params = _params(tmp / "ref")
+    graphdef, params = maxdpo_params(tmp / "policy")
+    _, ref_params = maxdpo_params(tmp / "ref")
     spec = nnx.merge(graphdef, params).spec
     settings = LossSettings(loss, LossHyper(beta, smoothing), sft_weight, aux_coef)
     split = trainable_split(spec, get_family(spec.family), FreezeConfig())

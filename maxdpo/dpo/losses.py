@@ -34,6 +34,12 @@ class PairLogps(NamedTuple):
     def delta(self) -> jax.Array:
         return self.chosen_logratios - self.rejected_logratios
 
+    @property
+    def per_token_delta(self) -> jax.Array:
+        """c/|y_w| − r/|y_l|: the log-ratios averaged over each completion's tokens."""
+        return (self.chosen_logratios / jnp.maximum(self.chosen_tokens, 1.0)
+                - self.rejected_logratios / jnp.maximum(self.rejected_tokens, 1.0))
+
 
 @dataclasses.dataclass(frozen=True)
 class LossHyper:
@@ -57,9 +63,7 @@ def hinge_loss(x: PairLogps, h: LossHyper) -> jax.Array:
 
 def ipo_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     """IPO (Azar et al. 2023, eq. 17) on per-token log-ratios, as TRL normalises it: (c/|y_w| − r/|y_l| − 1/(2β))²."""
-    per_token = x.chosen_logratios / jnp.maximum(x.chosen_tokens, 1.0) - x.rejected_logratios / jnp.maximum(
-        x.rejected_tokens, 1.0)
-    return (per_token - 1 / (2 * h.beta)) ** 2
+    return (x.per_token_delta - 1 / (2 * h.beta)) ** 2
 
 
 def exo_pair_loss(x: PairLogps, h: LossHyper) -> jax.Array:
@@ -103,9 +107,7 @@ def apo_down_loss(x: PairLogps, h: LossHyper) -> jax.Array:
 
 def sigmoid_norm_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     """DPO on per-token log-ratios: −log σ(β·(c/|y_w| − r/|y_l|))."""
-    per_token = x.chosen_logratios / jnp.maximum(x.chosen_tokens, 1.0) - x.rejected_logratios / jnp.maximum(
-        x.rejected_tokens, 1.0)
-    return -log_sigmoid(h.beta * per_token)
+    return -log_sigmoid(h.beta * x.per_token_delta)
 
 
 def sft_loss(x: PairLogps, h: LossHyper) -> jax.Array:
