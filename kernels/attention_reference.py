@@ -46,8 +46,3 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", **kwargs) -> jax.Array:
-    """Dispatches on `model.attention`; only the XLA reference exists until the Pallas kernels land."""
-    if impl == "xla":
-        return attention_reference(q, k, v, **kwargs)
-    raise ValueError(f"unknown attention implementation {impl!r}")

@@ -1,8 +1,9 @@
 """Sparse mixture-of-experts MLP (Mixtral): softmax router, top-k experts, renormalised weights.
 
-Two interchangeable expert computations behind `model.moe_impl`: `dense` runs every expert on every
-token and zeroes the unselected ones (the reference), `ragged` sorts the token copies by expert and runs
-`jax.lax.ragged_dot` over the groups (dropless, k/E of the dense FLOPs).
+Interchangeable expert computations behind `model.moe_impl`: `dense` runs every expert on every token
+and zeroes the unselected ones (the reference), `ragged` sorts the token copies by expert and runs
+`jax.lax.ragged_dot` over the groups, `pallas` dispatches the copies into expert-owned row tiles and
+runs the Pallas grouped matmul (both dropless, k/E of the dense FLOPs).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from maxdpo.kernels import moe_routing
+from maxdpo.kernels.grouped_matmul import default_tile, grouped_matmul
 from maxdpo.models.layers import ACTIVATIONS, make_param
 from maxdpo.models.spec import ModelSpec
 
@@ -66,7 +69,17 @@ def ragged_experts(x, experts, weights, gate, up, down, activation: Callable) ->
     return jnp.einsum("NKD,NK->ND", out, weights.astype(out.dtype))
 
 
-EXPERT_IMPLEMENTATIONS = {"dense": dense_experts, "ragged": ragged_experts}
+def pallas_experts(x, experts, weights, gate, up, down, activation: Callable) -> jax.Array:
+    """Copies permuted into expert-owned tiles, three Pallas grouped matmuls, weighted combine."""
+    tile = default_tile()
+    dispatch = moe_routing.plan(experts, gate.shape[0], tile)
+    tokens = moe_routing.permute(x, dispatch, experts.shape[1])  # [M, D]
+    hidden = (activation(grouped_matmul(tokens, gate, dispatch, tile=tile))
+              * grouped_matmul(tokens, up, dispatch, tile=tile))  # [M, F]
+    return moe_routing.combine(grouped_matmul(hidden, down, dispatch, tile=tile), dispatch, weights)
+
+
+EXPERT_IMPLEMENTATIONS = {"dense": dense_experts, "ragged": ragged_experts, "pallas": pallas_experts}
 
 
 class MoE(nnx.Module):
