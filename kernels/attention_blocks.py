@@ -12,6 +12,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from maxdpo.kernels.tile_ops import matmul_nt
+
 MASK_VALUE = -1e30  # finite, so a row with nothing visible yet never computes inf - inf
 QUERY_PAD_SEGMENT, KEY_PAD_SEGMENT = -1, -2  # padding never matches a real segment or each other
 
@@ -99,23 +101,18 @@ def next_power_of_2(n: int) -> int:
 
 def logits_tile(q: jax.Array, k: jax.Array, scale: float, softcap: Optional[float]):
     """q [bq, H] . k [bk, H] -> (logits [bq, bk] fp32, tanh of the soft-cap or None for the backward)."""
-    logits = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    logits = matmul_nt(q, k) * scale
     if softcap is None:
         return logits, None
     capped = jnp.tanh(logits / softcap)
     return capped * softcap, capped
 
 
-def matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a [n, x]^T . b [n, y] -> [x, y] fp32 (the key-side gradients)."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def tile_gradients(q, k, v, d_out, lse, delta, mask, scale: float, softcap: Optional[float]):
     """One tile's recomputed probabilities and logit gradients, [bq, bk] fp32 each; lse, delta [bq, 1]."""
     logits, capped = logits_tile(q, k, scale, softcap)
     probs = jnp.where(mask, jnp.exp(logits - lse), 0.0)
-    d_probs = jax.lax.dot_general(d_out, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    d_probs = matmul_nt(d_out, v)
     d_logits = probs * (d_probs - delta)
     if capped is not None:
         d_logits = d_logits * (1.0 - capped * capped)

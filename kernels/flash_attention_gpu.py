@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from maxdpo.kernels.attention_blocks import (MASK_VALUE, MaskRule, logits_tile, matmul_tn, tile_gradients,
+from maxdpo.kernels.tile_ops import matmul, matmul_tn
+from maxdpo.kernels.attention_blocks import (MASK_VALUE, MaskRule, logits_tile, tile_gradients,
                                              visible)
 
 
@@ -37,7 +38,7 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_po
         probs = jnp.where(mask, jnp.exp(logits - new_max[:, None]), 0.0)  # [bq, bk]
         correction = jnp.exp(row_max - new_max)
         v = v_ref[keys, :]
-        acc = acc * correction[:, None] + jnp.dot(probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        acc = acc * correction[:, None] + matmul(probs.astype(v.dtype), v)
         return acc, new_max, row_sum * correction + jnp.sum(probs, axis=1)
 
     block_q, head_dim = q.shape
@@ -81,7 +82,7 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, q
         k = k_ref[keys, :]
         mask = visible(rule, q_pos, q_seg, kv_pos_ref[keys][None, :], kv_seg_ref[keys][None, :])
         _, d_logits = tile_gradients(q, k, v_ref[keys, :], d_out, lse, delta, mask, scale, softcap)
-        return dq + jnp.dot(d_logits.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        return dq + matmul(d_logits.astype(k.dtype), k)
 
     dq = jax.lax.fori_loop(ranges_ref[0], ranges_ref[1], step, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)

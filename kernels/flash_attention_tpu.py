@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from maxdpo.kernels.attention_blocks import (MASK_VALUE, logits_tile, matmul_tn, tile_gradients, visible)
+from maxdpo.kernels.tile_ops import matmul, matmul_tn
+from maxdpo.kernels.attention_blocks import (MASK_VALUE, logits_tile, tile_gradients, visible)
 
 LANES = 128  # running max / sum are kept lane-replicated, as TPU vregs like them
 
@@ -50,8 +51,8 @@ def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_po
         correction = jnp.exp(previous - new_max)
         sum_ref[...] = sum_ref[...] * correction + jnp.sum(probs, axis=1, keepdims=True)
         v = v_ref[...]
-        acc_ref[...] = acc_ref[...] * correction[:, :1] + jnp.dot(
-            probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        acc_ref[...] = acc_ref[...] * correction[:, :1] + matmul(
+            probs.astype(v.dtype), v)
         max_ref[...] = new_max
 
     @pl.when(j == pl.num_programs(3) - 1)
@@ -70,7 +71,7 @@ def forward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, kv_ranges, *, rule, scale, so
     num_q_blocks = q_len // block_q
 
     def kv_index(b, n, i, j, ranges):
-        return b, n // group, _range(ranges, b * num_q_blocks + i, j)[2], 0
+        return b, jax.lax.div(n, group), _range(ranges, b * num_q_blocks + i, j)[2], 0
 
     def kv_ids_index(b, n, i, j, ranges):
         return b, 0, _range(ranges, b * num_q_blocks + i, j)[2]
@@ -113,7 +114,7 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, q
         mask = visible(rule, q_pos_ref[...], q_seg_ref[...], kv_pos_ref[...], kv_seg_ref[...])
         _, d_logits = tile_gradients(q_ref[...], k, v_ref[...], d_out_ref[...], lse_ref[...], delta_ref[...],
                                      mask, scale, softcap)
-        dq_acc_ref[...] += jnp.dot(d_logits.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        dq_acc_ref[...] += matmul(d_logits.astype(k.dtype), k)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -158,7 +159,7 @@ def backward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, kv_ranges, q_ranges, out, ls
     statics = dict(rule=rule, scale=scale, softcap=softcap)
 
     def kv_index(b, n, i, j, ranges):
-        return b, n // group, _range(ranges, b * num_q_blocks + i, j)[2], 0
+        return b, jax.lax.div(n, group), _range(ranges, b * num_q_blocks + i, j)[2], 0
 
     def kv_ids_index(b, n, i, j, ranges):
         return b, 0, _range(ranges, b * num_q_blocks + i, j)[2]

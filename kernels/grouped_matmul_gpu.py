@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from maxdpo.kernels.attention_blocks import matmul_tn
+from maxdpo.kernels.tile_ops import matmul, matmul_nt, matmul_tn
 
 PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=3)
 
@@ -19,12 +19,12 @@ PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=3)
 def _gmm_kernel(tile_expert_ref, used_ref, lhs_ref, rhs_ref, out_ref, *, block_k, transpose_rhs):
     i = pl.program_id(0)
     expert = tile_expert_ref[i]
-    contract = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+    product = matmul_nt if transpose_rhs else matmul
 
     def step(kk, acc):
         ks = pl.ds(pl.multiple_of(kk * block_k, block_k), block_k)
         weights = rhs_ref[expert, :, ks] if transpose_rhs else rhs_ref[expert, ks, :]
-        return acc + jax.lax.dot_general(lhs_ref[:, ks], weights, contract, preferred_element_type=jnp.float32)
+        return acc + product(lhs_ref[:, ks], weights)
 
     steps = jnp.where(i < used_ref[0], lhs_ref.shape[1] // block_k, 0)
     acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(out_ref.shape, jnp.float32))

@@ -12,12 +12,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from maxdpo.kernels.attention_blocks import matmul_tn
+from maxdpo.kernels.tile_ops import matmul, matmul_nt, matmul_tn
 
 
 def _gmm_kernel(tile_expert_ref, used_ref, lhs_ref, rhs_ref, out_ref, acc_ref, *, transpose_rhs):
     i, kk = pl.program_id(0), pl.program_id(2)
-    contract = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+    product = matmul_nt if transpose_rhs else matmul
 
     @pl.when(kk == 0)
     def _init():
@@ -25,7 +25,7 @@ def _gmm_kernel(tile_expert_ref, used_ref, lhs_ref, rhs_ref, out_ref, acc_ref, *
 
     @pl.when(i < used_ref[0])
     def _accumulate():
-        acc_ref[...] += jax.lax.dot_general(lhs_ref[...], rhs_ref[...], contract, preferred_element_type=jnp.float32)
+        acc_ref[...] += product(lhs_ref[...], rhs_ref[...])
 
     @pl.when(kk == pl.num_programs(2) - 1)
     def _finish():

@@ -7,6 +7,7 @@ runs the Pallas grouped matmul (both dropless, k/E of the dense FLOPs).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -69,14 +70,18 @@ def ragged_experts(x, experts, weights, gate, up, down, activation: Callable) ->
     return jnp.einsum("NKD,NK->ND", out, weights.astype(out.dtype))
 
 
-def pallas_experts(x, experts, weights, gate, up, down, activation: Callable) -> jax.Array:
-    """Copies permuted into expert-owned tiles, three Pallas grouped matmuls, weighted combine."""
-    tile = default_tile()
+def pallas_experts(x, experts, weights, gate, up, down, activation: Callable, *, backend: Optional[str] = None,
+                   interpret: Optional[bool] = None, tile: Optional[int] = None) -> jax.Array:
+    """Copies permuted into expert-owned tiles, three Pallas grouped matmuls, weighted combine.
+
+    backend/interpret/tile default to the platform's kernels (tests and benchmarks pick them).
+    """
+    tile = tile or default_tile(backend)
     dispatch = moe_routing.plan(experts, gate.shape[0], tile)
     tokens = moe_routing.permute(x, dispatch, experts.shape[1])  # [M, D]
-    hidden = (activation(grouped_matmul(tokens, gate, dispatch, tile=tile))
-              * grouped_matmul(tokens, up, dispatch, tile=tile))  # [M, F]
-    return moe_routing.combine(grouped_matmul(hidden, down, dispatch, tile=tile), dispatch, weights)
+    gmm = functools.partial(grouped_matmul, dispatch=dispatch, tile=tile, backend=backend, interpret=interpret)
+    hidden = activation(gmm(tokens, gate)) * gmm(tokens, up)  # [M, F]
+    return moe_routing.combine(gmm(hidden, down), dispatch, weights)
 
 
 EXPERT_IMPLEMENTATIONS = {"dense": dense_experts, "ragged": ragged_experts, "pallas": pallas_experts}
