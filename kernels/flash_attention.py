@@ -12,11 +12,13 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from maxdpo.kernels import flash_attention_gpu, flash_attention_tpu
 from maxdpo.kernels.attention_blocks import (KEY_PAD_SEGMENT, QUERY_PAD_SEGMENT, BlockSizes, MaskRule,
                                              block_visibility, next_power_of_2, pad_axis, pad_ids, round_up,
                                              visible_ranges)
+from maxdpo.kernels.partitioning import ambient_mesh, batch_axes, per_shard, tensor_axis
 from maxdpo.kernels.platform import default_backend
 
 BACKENDS = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
@@ -91,8 +93,23 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: ja
     """q [B, T, N, H]; k, v [B, S, K, H] (N a multiple of K); ids [B, T] / [B, S]. Returns [B, T, N, H].
 
     A query that sees no key at all returns zeros (the reference averages every value there instead);
-    the model never produces one, since each token sees itself.
+    the model never produces one, since each token sees itself. Under a mesh it runs per shard
+    (batch over the data-parallel axes, heads over `tensor`).
     """
+    local = functools.partial(_local_flash_attention, scale=scale, causal=causal, sliding_window=sliding_window,
+                              logit_softcap=logit_softcap, block_sizes=block_sizes, backend=backend,
+                              interpret=interpret)
+    mesh = ambient_mesh()
+    if mesh is None:
+        return local(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+    rows, heads = batch_axes(mesh, q.shape[0]) or None, tensor_axis(mesh, q.shape[2], k.shape[2])
+    tiles, ids = P(rows, None, heads, None), P(rows, None)
+    return per_shard(local, mesh, (tiles, tiles, tiles, ids, ids, ids, ids), tiles)(
+        q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+
+
+def _local_flash_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, scale, causal,
+                           sliding_window, logit_softcap, block_sizes, backend, interpret):
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
     if num_heads % num_kv_heads or k.shape != v.shape or k.shape[-1] != head_dim:

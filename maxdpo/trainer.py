@@ -216,6 +216,11 @@ class Trainer:
                 f"{self.run_dir / 'checkpoints'} are untouched")
 
     def train(self) -> dict:
+        """Runs (or resumes) the job; steps are traced under the mesh so the kernels shard per device."""
+        with jax.set_mesh(self.mesh):
+            return self._train()
+
+    def _train(self) -> dict:
         cfg, trainer = self.cfg, self.cfg.trainer
         self.run_dir.mkdir(parents=True, exist_ok=True)
         store, latest = CheckpointStore(self.run_dir / "checkpoints", trainer.keep_checkpoints), self.latest

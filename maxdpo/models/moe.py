@@ -13,8 +13,9 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from maxdpo.kernels import moe_routing
+from maxdpo.kernels import moe_routing, partitioning
 from maxdpo.kernels.grouped_matmul import default_tile, grouped_matmul
 from maxdpo.models.layers import ACTIVATIONS, make_param
 from maxdpo.models.spec import ModelSpec
@@ -74,8 +75,26 @@ def pallas_experts(x, experts, weights, gate, up, down, activation: Callable, *,
                    interpret: Optional[bool] = None, tile: Optional[int] = None) -> jax.Array:
     """Copies permuted into expert-owned tiles, three Pallas grouped matmuls, weighted combine.
 
-    backend/interpret/tile default to the platform's kernels (tests and benchmarks pick them).
+    backend/interpret/tile default to the platform's kernels (tests and benchmarks pick them). Under a
+    mesh it runs per shard: tokens over the data-parallel axes, the MLP width over `tensor` (partial
+    outputs summed); expert weights are gathered over the other axes (no expert parallelism here).
     """
+    local = functools.partial(_local_pallas_experts, activation=activation, backend=backend,
+                              interpret=interpret, tile=tile)
+    mesh = partitioning.ambient_mesh()
+    if mesh is None:
+        return local(x, experts, weights, gate, up, down)
+    rows = partitioning.batch_axes(mesh, x.shape[0]) or None
+    width = partitioning.tensor_axis(mesh, gate.shape[2])
+    if width is not None:
+        partial_sums = local
+        local = lambda *args: jax.lax.psum(partial_sums(*args), width)  # noqa: E731
+    tokens = P(rows, None)
+    return partitioning.per_shard(local, mesh, (tokens, tokens, tokens, P(None, None, width), P(None, None, width),
+                                                P(None, width, None)), tokens)(x, experts, weights, gate, up, down)
+
+
+def _local_pallas_experts(x, experts, weights, gate, up, down, *, activation, backend, interpret, tile):
     tile = tile or default_tile(backend)
     dispatch = moe_routing.plan(experts, gate.shape[0], tile)
     tokens = moe_routing.permute(x, dispatch, experts.shape[1])  # [M, D]
