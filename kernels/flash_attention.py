@@ -48,15 +48,15 @@ class _Statics(NamedTuple):
     interpret: bool
 
 
-def _ranges(statics: _Statics, ids, block_q: int, block_k: int, by_key: bool = False) -> jax.Array:
-    table = block_visibility(statics.rule, *ids, block_q, block_k)  # [B, nq, nk]
-    return visible_ranges(jnp.swapaxes(table, 1, 2) if by_key else table)
+def _visibility(statics: _Statics, ids, block_q: int, block_k: int) -> jax.Array:
+    return block_visibility(statics.rule, *ids, block_q, block_k)  # [B, nq, nk]
 
 
 def _forward(statics: _Statics, q, k, v, ids):
     kernels = BACKENDS[statics.backend]
     sizes = statics.sizes
-    return kernels.forward(q, k, v, *ids, _ranges(statics, ids, sizes.block_q, sizes.block_k),
+    kv_ranges = visible_ranges(_visibility(statics, ids, sizes.block_q, sizes.block_k))  # [B, nq, 2]
+    return kernels.forward(q, k, v, *ids, kv_ranges,
                            rule=statics.rule, scale=statics.scale, softcap=statics.softcap,
                            block_q=sizes.block_q, block_k=sizes.block_k, interpret=statics.interpret)
 
@@ -74,9 +74,9 @@ def _flash_fwd(statics, q, k, v, ids):
 def _flash_bwd(statics, residuals, d_out):
     q, k, v, ids, out, lse = residuals
     sizes = statics.sizes
+    table = _visibility(statics, ids, sizes.block_q_bwd, sizes.block_k_bwd)
     dq, dk, dv = BACKENDS[statics.backend].backward(
-        q, k, v, *ids, _ranges(statics, ids, sizes.block_q_bwd, sizes.block_k_bwd),
-        _ranges(statics, ids, sizes.block_q_bwd, sizes.block_k_bwd, by_key=True), out, lse, d_out,
+        q, k, v, *ids, visible_ranges(table), visible_ranges(jnp.swapaxes(table, 1, 2)), out, lse, d_out,
         rule=statics.rule, scale=statics.scale, softcap=statics.softcap, block_q=sizes.block_q_bwd,
         block_k=sizes.block_k_bwd, interpret=statics.interpret)
     return dq, dk, dv, jax.tree.map(lambda _: None, ids)
