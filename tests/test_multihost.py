@@ -34,13 +34,22 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
 
     port = _free_port()
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]  # files, not pipes: a full pipe would stall a process
+    sinks = [log.open("w") for log in logs]
     processes = [subprocess.Popen(command + [f"run.output_dir={tmp_path / 'two'}", "reference.precompute=true"],
                                   env=_env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                                            JAX_PROCESS_ID=str(i)),
-                                  cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                  cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=sinks[i])
                  for i in range(2)]
-    for i, process in enumerate(processes):
-        _, err = process.communicate(timeout=600)
+    try:
+        for process in processes:
+            process.wait(timeout=600)
+    finally:
+        for process, sink in zip(processes, sinks):
+            process.kill()
+            sink.close()
+    for i, (process, log) in enumerate(zip(processes, logs)):
+        err = log.read_text()
         assert process.returncode == 0, err[-3000:]
         assert f"process {i} of 2" in err
 
