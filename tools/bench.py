@@ -1,0 +1,162 @@
+"""Times the full DPO train step (policy forward + backward, reference forward, optimizer) of a config.
+
+    python tools/bench.py                                   # the default job's model and mesh
+    python tools/bench.py CONFIG.yaml key=value ... --rows 8 --seq 2048 --prompt 1024 --json out.json
+
+The model is random-initialised from the config (`model.overrides` set its shape), the batch is
+synthetic: `--rows` pairs, chosen and rejected of `--seq` tokens each, the first `--prompt` of them
+prompt. Prints compile time, step time (median of --steps after --warmup), tokens/s (chosen + rejected
+tokens, all real), peak memory (the device's allocator peak where it reports one, else the compiled
+step's footprint per device, and the process's peak RSS), and MFU = model FLOPs per step
+(`maxdpo/flops.py`) / step time / (devices x peak). The peak is the device's bf16 dense peak from a
+table (`--peak-tflops` overrides it; `--measure-peak` times a large bf16 matmul instead); on a CPU
+it is unknown and MFU is left out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maxdpo import components
+from maxdpo.config import load_config
+from maxdpo.data.loader import BATCH_FIELDS
+from maxdpo.dpo.freeze import trainable_split
+from maxdpo.dpo.losses import LossHyper
+from maxdpo.dpo.optim import make_optimizer
+from maxdpo.dpo.step import LossSettings, make_train_step
+from maxdpo.flops import dpo_step_flops
+from maxdpo.models.registry import get_family
+from maxdpo.sharding import batch_sharding, data_parallel_size, make_mesh, replicated
+
+PEAK_BF16_TFLOPS = {  # dense bf16 per chip, vendor figures
+    "H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
+    "TPU v4": 275.0, "TPU v6 lite": 918.0,
+}
+
+
+def table_peak(device_kind: str):
+    for name, peak in PEAK_BF16_TFLOPS.items():
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def measured_peak(size: int = 8192, iters: int = 20) -> float:
+    """TFLOP/s of one device on a size^3 bf16 matmul (median)."""
+    a = jnp.ones((size, size), jnp.bfloat16)
+    matmul = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(matmul(a))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a))
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times) / 1e12
+
+
+def synthetic_batch(rows: int, seq: int, prompt: int, vocab: int, precompute: bool, seed: int = 0) -> dict:
+    """One pair per row; chosen and rejected share the prompt; every token real."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, (rows, 2, seq), dtype=np.int32)
+    ids[:, 1, :prompt] = ids[:, 0, :prompt]
+    batch = {"input_ids": ids, "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, 2, seq)).copy(),
+             "segment_ids": np.ones((rows, 2, seq), np.int32),
+             "completion_mask": np.broadcast_to(np.arange(seq) >= prompt, (rows, 2, seq)).astype(np.int32),
+             "pair_mask": np.ones((rows, 1), np.float32)}
+    if precompute:
+        batch["ref_logps"] = rng.normal(-50.0, 5.0, (rows, 1, 2)).astype(np.float32)
+    return batch
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", help="config YAML (default: the bundled default job)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("--rows", type=int, default=None, help="pairs per step (default: trainer.batch_size)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: data.max_length)")
+    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default: half of --seq)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--measure-peak", action="store_true")
+    parser.add_argument("--json", help="also write the result to this file")
+    args = parser.parse_args(argv)
+    if args.config and "=" in args.config:  # only overrides were given
+        args.overrides, args.config = [args.config, *args.overrides], None
+
+    cfg = load_config(args.config, args.overrides)
+    rows = args.rows or cfg.trainer.batch_size
+    seq = args.seq or cfg.data.max_length
+    prompt = seq // 2 if args.prompt is None else args.prompt
+    mesh, rules = make_mesh(cfg.mesh), cfg.mesh.logical_axis_rules
+    spec = components.build_spec(cfg)
+    graphdef, _, param_shardings = components.param_shardings(spec, mesh, rules)
+    precompute = cfg.reference.precompute
+    micro = cfg.trainer.micro_batch_size or rows
+    optimizer, schedule = make_optimizer(cfg.optimizer, args.warmup + args.steps)
+    split = trainable_split(spec, get_family(spec.family), cfg.freeze)
+    settings = LossSettings(cfg.dpo.loss, LossHyper(cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.dpop_lambda),
+                            cfg.dpo.sft_weight, cfg.dpo.router_aux_coef)
+    step = make_train_step(graphdef, settings, optimizer, schedule, rows // micro, split)
+
+    with jax.set_mesh(mesh):
+        params = components.init_params(spec, param_shardings, cfg.run.seed)
+        ref_params = None if precompute else components.copy_params(params)
+        state = {"step": jnp.asarray(0, jnp.int32), "params": params,
+                 "opt_state": jax.jit(optimizer.init)(split.trainable(params))}
+        state_shardings = jax.tree.map(lambda x: x.sharding, state)
+        host_batch = synthetic_batch(rows, seq, prompt, spec.vocab_size, precompute)
+        batch_shardings = {k: batch_sharding(mesh, rules, BATCH_FIELDS[k]) for k in host_batch}
+        batch = {k: jax.device_put(v, batch_shardings[k]) for k, v in host_batch.items()}
+        jitted = jax.jit(step, in_shardings=(state_shardings, None if precompute else param_shardings, batch_shardings),
+                         out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+        start = time.perf_counter()
+        compiled = jitted.lower(state, ref_params, batch).compile()
+        compile_s = time.perf_counter() - start
+        times = []
+        for index in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            state, metrics = compiled(state, ref_params, batch)
+            jax.block_until_ready(metrics)
+            if index >= args.warmup:
+                times.append(time.perf_counter() - start)
+
+    step_s = statistics.median(times)
+    device = jax.devices()[0]
+    tokens = rows * 2 * seq
+    flops = dpo_step_flops(spec, rows, seq, reference=not precompute)
+    footprint = compiled.memory_analysis()
+    result = dict(
+        device=device.device_kind, devices=jax.device_count(), mesh=dict(mesh.shape),
+        data_parallel=data_parallel_size(mesh, rules), model=spec.family, params=spec.num_params(),
+        layers=spec.num_layers, rows=rows, seq=seq, prompt=prompt, micro_batch=micro, dtype=cfg.model.dtype,
+        attention=spec.attention, moe_impl=spec.moe_impl, remat=spec.remat, precompute_reference=precompute,
+        compile_s=compile_s, step_s=step_s, step_s_all=times, tokens_per_s=tokens / step_s,
+        model_tflops_per_step=flops / 1e12, achieved_tflops_per_device=flops / step_s / jax.device_count() / 1e12,
+        compiled_bytes_per_device=dict(arguments=footprint.argument_size_in_bytes, temps=footprint.temp_size_in_bytes,
+                                       outputs=footprint.output_size_in_bytes),
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        loss=float(metrics["loss"]),
+    )
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        result["device_peak_bytes"] = stats["peak_bytes_in_use"]
+    peak = args.peak_tflops or (measured_peak() if args.measure_peak else table_peak(device.device_kind))
+    if peak:
+        result.update(peak_tflops_per_device=peak, mfu=result["achieved_tflops_per_device"] / peak)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
