@@ -16,12 +16,16 @@ from maxdpo.kernels.tile_ops import matmul_nt
 
 MASK_VALUE = -1e30  # finite, so a row with nothing visible yet never computes inf - inf
 QUERY_PAD_SEGMENT, KEY_PAD_SEGMENT = -1, -2  # padding never matches a real segment or each other
+# Prefix sharing: segment id = 4 * pair + branch (0 prompt, 1 chosen, 2 rejected); a query also sees
+# the prompt of its own pair, i.e. keys whose segment is its own rounded down to a multiple of 4.
+PREFIX_GROUP = 4
 
 
 class MaskRule(NamedTuple):
-    """Static part of the mask: causal and the sliding window (None = unbounded)."""
+    """Static part of the mask: causal, the sliding window (None = unbounded), shared prompts."""
     causal: bool
     sliding_window: Optional[int]
+    shared_prefix: bool = False
 
 
 class BlockSizes(NamedTuple):
@@ -35,11 +39,18 @@ class BlockSizes(NamedTuple):
 def visible(rule: MaskRule, q_pos, q_seg, kv_pos, kv_seg):
     """Elementwise mask; q_* broadcast against kv_* (e.g. [bq, 1] against [1, bk])."""
     mask = q_seg == kv_seg
+    if rule.shared_prefix:
+        mask |= kv_seg == prompt_segment(q_seg)
     if rule.causal:
         mask &= q_pos >= kv_pos
     if rule.sliding_window is not None:
         mask &= q_pos - kv_pos < rule.sliding_window
     return mask
+
+
+def prompt_segment(segment_ids):
+    """The segment of the prompt a prefix-shared token belongs to (a bit mask: no sign ops for Mosaic)."""
+    return segment_ids & ~(PREFIX_GROUP - 1)
 
 
 def _block_extent(ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
@@ -56,6 +67,8 @@ def block_visibility(rule: MaskRule, q_pos, q_seg, kv_pos, kv_seg, block_q: int,
     kv_seg_lo, kv_seg_hi = _block_extent(kv_seg, block_k)
     q = lambda x: x[:, :, None]  # noqa: E731
     kv = lambda x: x[:, None, :]  # noqa: E731
+    if rule.shared_prefix:  # queries also reach down to their prompt's segment (monotonic in the id)
+        q_seg_lo = prompt_segment(q_seg_lo)
     overlap = (q(q_seg_lo) <= kv(kv_seg_hi)) & (kv(kv_seg_lo) <= q(q_seg_hi))
     if rule.causal:
         overlap &= q(q_pos_hi) >= kv(kv_pos_lo)

@@ -88,17 +88,19 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: jax.Array, kv_positions: jax.Array,
                     q_segment_ids: jax.Array, kv_segment_ids: jax.Array, scale: float, causal: bool = True,
                     sliding_window: Optional[int] = None, logit_softcap: Optional[float] = None,
-                    block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None,
-                    interpret: Optional[bool] = None) -> jax.Array:
+                    shared_prefix: bool = False, block_sizes: Optional[BlockSizes] = None,
+                    backend: Optional[str] = None, interpret: Optional[bool] = None) -> jax.Array:
     """q [B, T, N, H]; k, v [B, S, K, H] (N a multiple of K); ids [B, T] / [B, S]. Returns [B, T, N, H].
+
+    shared_prefix: segment ids follow `attention_blocks.PREFIX_GROUP` (prompt | chosen | rejected rows).
 
     A query that sees no key at all returns zeros (the reference averages every value there instead);
     the model never produces one, since each token sees itself. Under a mesh it runs per shard
     (batch over the data-parallel axes, heads over `tensor`).
     """
-    local = functools.partial(_local_flash_attention, scale=scale, causal=causal, sliding_window=sliding_window,
-                              logit_softcap=logit_softcap, block_sizes=block_sizes, backend=backend,
-                              interpret=interpret)
+    rule = MaskRule(causal, sliding_window, shared_prefix)
+    local = functools.partial(_local_flash_attention, scale=scale, rule=rule, logit_softcap=logit_softcap,
+                              block_sizes=block_sizes, backend=backend, interpret=interpret)
     mesh = ambient_mesh()
     if mesh is None:
         return local(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
@@ -108,14 +110,14 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: ja
         q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
 
 
-def _local_flash_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, scale, causal,
-                           sliding_window, logit_softcap, block_sizes, backend, interpret):
+def _local_flash_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, scale, rule,
+                           logit_softcap, block_sizes, backend, interpret):
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
     if num_heads % num_kv_heads or k.shape != v.shape or k.shape[-1] != head_dim:
         raise ValueError(f"flash_attention: q {q.shape} and k/v {k.shape}/{v.shape} are not grouped-query shapes")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"flash_attention: sliding_window must be >= 1, got {sliding_window}")
+    if rule.sliding_window is not None and rule.sliding_window < 1:
+        raise ValueError(f"flash_attention: sliding_window must be >= 1, got {rule.sliding_window}")
     auto_backend, auto_interpret = default_backend()
     backend = backend or auto_backend
     interpret = auto_interpret if interpret is None else interpret
@@ -127,6 +129,6 @@ def _local_flash_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv
     k, v = (pad_axis(pad_axis(x, padded_kv, 1, 0), padded_dim, 3, 0) for x in (k, v))
     ids = (*pad_ids(q_positions.astype(jnp.int32), q_segment_ids.astype(jnp.int32), padded_q, QUERY_PAD_SEGMENT),
            *pad_ids(kv_positions.astype(jnp.int32), kv_segment_ids.astype(jnp.int32), padded_kv, KEY_PAD_SEGMENT))
-    statics = _Statics(MaskRule(causal, sliding_window), float(scale),
+    statics = _Statics(rule, float(scale),
                        None if logit_softcap is None else float(logit_softcap), sizes, backend, bool(interpret))
     return _flash(statics, q, k, v, ids)[:, :q_len, :, :head_dim]

@@ -32,7 +32,7 @@ log = logging.getLogger("maxdpo")
 def runtime_options(cfg: Config) -> dict:
     return dict(dtype=to_dtype(cfg.model.dtype), param_dtype=to_dtype(cfg.model.param_dtype),
                 attention=cfg.model.attention, moe_impl=cfg.model.moe_impl, remat=cfg.model.remat,
-                scan_layers=cfg.model.scan_layers)
+                scan_layers=cfg.model.scan_layers, shared_prefix=cfg.data.prefix_sharing)
 
 
 def build_spec(cfg: Config) -> ModelSpec:
@@ -101,7 +101,8 @@ def prepare_data(source: str, split: str, cfg: Config, tokenizer) -> PreparedDat
 def batch_plan(cfg: Config, tokenizer, shuffle: Optional[bool] = None, batch_size: Optional[int] = None) -> BatchPlan:
     return BatchPlan(batch_size=batch_size or cfg.trainer.batch_size, epochs=cfg.trainer.epochs,
                      seed=cfg.run.seed, shuffle=cfg.data.shuffle if shuffle is None else shuffle,
-                     pad_id=tokenizer.pad_token_id, max_length=cfg.data.max_length, packing=cfg.data.packing)
+                     pad_id=tokenizer.pad_token_id, max_length=cfg.data.max_length, packing=cfg.data.packing,
+                     prefix_sharing=cfg.data.prefix_sharing)
 
 
 def schedule_fingerprint(data: PreparedData, plan: BatchPlan) -> str:

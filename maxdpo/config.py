@@ -78,6 +78,7 @@ class DataConfig:
     truncation: str = "keep_end"
     shuffle: bool = True
     packing: bool = False
+    prefix_sharing: bool = False  # one row per pair, prompt | chosen | rejected: the prompt runs once
     skip_invalid: bool = False
     num_proc: Optional[int] = None  # tokenisation processes; None: up to 8 for large data, 1 for small
     cache: bool = True

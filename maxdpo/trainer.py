@@ -117,7 +117,8 @@ class Trainer:
         plan = components.batch_plan(cfg, self.tokenizer)
         train_data = components.prepare_data(cfg.data.train, cfg.data.train_split, cfg, self.tokenizer)
         self.batch_schedule = training_schedule(train_data.store, plan)
-        self.train_batches = BatchBuilder(train_data.store, self.batch_schedule, plan.pad_id, **process)
+        self.train_batches = BatchBuilder(train_data.store, self.batch_schedule, plan.pad_id,
+                                          prefix_sharing=plan.prefix_sharing, **process)
         self.data_fingerprint = components.schedule_fingerprint(train_data, plan)
         self.data_fingerprints = {"train": train_data.fingerprint}
         self.total_steps = len(self.batch_schedule) if trainer.max_steps < 0 else min(trainer.max_steps, len(self.batch_schedule))
@@ -126,7 +127,7 @@ class Trainer:
             eval_plan = components.batch_plan(cfg, self.tokenizer, shuffle=False, batch_size=micro)
             eval_data = components.prepare_data(cfg.data.eval, cfg.data.eval_split, cfg, self.tokenizer)
             self.eval_batches = BatchBuilder(eval_data.store, eval_schedule(eval_data.store, eval_plan),
-                                             eval_plan.pad_id, **process)
+                                             eval_plan.pad_id, prefix_sharing=plan.prefix_sharing, **process)
             self.data_fingerprints["eval"] = eval_data.fingerprint
 
         self.graphdef, _, self.param_shardings = components.param_shardings(self.spec, self.mesh, self.rules)
@@ -136,7 +137,8 @@ class Trainer:
         settings = LossSettings(cfg.dpo.loss, LossHyper(cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.dpop_lambda),
                                 cfg.dpo.sft_weight, cfg.dpo.router_aux_coef)
         self.optimizer, self.schedule = make_optimizer(cfg.optimizer, self.total_steps)
-        fields = {k: n for k, n in BATCH_FIELDS.items() if k != "ref_logps" or cfg.reference.precompute}
+        optional = {"ref_logps": cfg.reference.precompute, "prefix_target": cfg.data.prefix_sharing}
+        fields = {k: n for k, n in BATCH_FIELDS.items() if optional.get(k, True)}
         self.batch_shardings = {k: batch_sharding(self.mesh, self.rules, n) for k, n in fields.items()}
         self.ref_shardings = None if cfg.reference.precompute else self.param_shardings
         self._train_step = make_train_step(self.graphdef, settings, self.optimizer, self.schedule, self.num_micro,

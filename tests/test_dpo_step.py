@@ -1,4 +1,6 @@
 """The DPO step against TRL's formulas computed in torch on the same transformers models."""
+import dataclasses
+
 import jax
 import numpy as np
 import optax
@@ -8,9 +10,11 @@ import torch.nn.functional as F
 from flax import nnx
 from transformers import AutoTokenizer
 
+import maxdpo
 from hf_models import maxdpo_params, tiny_hf, tiny_llama
 from maxdpo.config import OptimizerConfig
 from maxdpo.data.loader import collate
+from maxdpo.data.prefix_sharing import collate_shared
 from maxdpo.data.sources import resolve_path
 from maxdpo.data.tokenize import PairTokenizer
 from maxdpo.config import FreezeConfig
@@ -151,3 +155,30 @@ def test_packed_rows_give_the_step_of_one_pair_per_row(setup, tmp_path, family):
     _, ref_params = maxdpo_params(tmp_path / "ref")
     packed = collate([[pairs[0], pairs[1]], [pairs[2], pairs[3]], []], 32, 2, pad_id=0)
     _assert_sgd_steps_agree(graphdef, params, ref_params, (batch, 1), (packed, 1), metrics_rtol=2e-5)
+
+
+@pytest.mark.parametrize("family,attention", [("llama", "xla"), ("gemma2", "xla"), ("mistral", "pallas")])
+def test_prefix_shared_rows_give_the_unshared_step(setup, tmp_path, family, attention):
+    """`prompt | chosen | rejected` rows (two pairs in a row, one alone, an empty row, and a pair whose prompts
+    differ after a common start) give the unshared step's metrics and update: attention (windows and
+    soft-caps included, XLA and the flash kernel), positions and the first rejected token's predictor."""
+    _, _, _, _, pairs = setup
+    differing = dataclasses.replace(pairs[1], rejected=pairs[1].rejected.copy())
+    differing.rejected[differing.rejected_prompt_len - 2] += 1  # the prompts part two tokens before their end
+    pairs = pairs + [differing]
+    tiny_hf(tmp_path / "policy", family, seed=0)
+    tiny_hf(tmp_path / "ref", family, seed=1)
+    unshared = collate([[pair] for pair in pairs], 32, 1, pad_id=0)
+    shared = collate_shared([[pairs[0], pairs[1]], [pairs[2]], [], [pairs[3], pairs[4]]], 64, 2, pad_id=0)
+    sgd = (optax.sgd(1.0), optax.constant_schedule(1.0))
+    results = []
+    for batch, shared_prefix in ((unshared, False), (shared, True)):
+        load = dict(attention=attention, shared_prefix=shared_prefix)
+        graphdef, state = nnx.split(maxdpo.load_pretrained(tmp_path / "policy", **load))
+        ref_params = nnx.to_pure_dict(nnx.split(maxdpo.load_pretrained(tmp_path / "ref", **load))[1])
+        results.append(_step(graphdef, nnx.to_pure_dict(state), ref_params, batch, 1, tx_and_schedule=sgd))
+    (expected_state, expected), (state, metrics) = results
+    for name in expected:
+        np.testing.assert_allclose(metrics[name], expected[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 state["params"], expected_state["params"])

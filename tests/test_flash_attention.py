@@ -39,6 +39,18 @@ def _value_and_grads(fn, q, k, v, d_out):
     return out, vjp(d_out.astype(out.dtype))
 
 
+def _assert_kernel_matches_reference(backend, q, k, v, d_out, common):
+    """fp32: outputs to 2e-5 and dq/dk/dv to 5e-5 of the reference."""
+    kernel = lambda q, k, v: flash_attention(q, k, v, block_sizes=TEST_BLOCKS[backend], backend=backend,  # noqa: E731
+                                             interpret=True, **common)
+    reference = lambda q, k, v: attention_reference(q, k, v, **common)  # noqa: E731
+    out, grads = _value_and_grads(kernel, q, k, v, d_out)
+    ref_out, ref_grads = _value_and_grads(reference, q, k, v, d_out)
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=f"d{name}")
+
+
 CASES = {  # name: (batch, seq, heads, kv_heads, head_dim, causal, window, softcap)
     "causal_gqa_seq_not_block_multiple": (2, 50, 4, 2, 32, True, None, None),
     "mqa_window7_softcap": (2, 45, 4, 1, 32, True, 7, 30.0),
@@ -58,14 +70,7 @@ def test_matches_reference_fp32(backend, case):
     positions, segments = _packed_ids(batch, seq)
     common = dict(q_positions=positions, kv_positions=positions, q_segment_ids=segments, kv_segment_ids=segments,
                   scale=head_dim ** -0.5, causal=causal, sliding_window=window, logit_softcap=softcap)
-    kernel = lambda q, k, v: flash_attention(q, k, v, block_sizes=TEST_BLOCKS[backend], backend=backend,  # noqa: E731
-                                             interpret=True, **common)
-    reference = lambda q, k, v: attention_reference(q, k, v, **common)  # noqa: E731
-    out, grads = _value_and_grads(kernel, q, k, v, d_out)
-    ref_out, ref_grads = _value_and_grads(reference, q, k, v, d_out)
-    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
-    for name, got, want in zip("qkv", grads, ref_grads):
-        np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5, err_msg=f"d{name}")
+    _assert_kernel_matches_reference(backend, q, k, v, d_out, common)
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
@@ -94,19 +99,19 @@ def _brute_force_tiles(rule, ids, block_q, block_k):
 
 @pytest.mark.parametrize("window", [None, 1, 5, 40])
 def test_block_skipping_is_exact_for_one_sequence_and_safe_for_any(window):
-    """Row 0 (one sequence): skipped tiles are exactly the fully masked ones. Packed rows and
-    prefix-sharing-like rows (positions restart inside a segment): no tile with a visible entry is skipped."""
+    """Row 0 (one sequence): skipped tiles are exactly the fully masked ones. Packed rows and prefix-shared
+    rows (positions restart after the prompt): no tile with a visible entry is skipped."""
     rule = MaskRule(True, window)
     positions, segments = _packed_ids(2, 96)
     ids = (positions, segments, positions, segments)
     table, brute = block_visibility(rule, *ids, 16, 8), _brute_force_tiles(rule, ids, 16, 8)
     np.testing.assert_array_equal(table[0], brute[0])
     assert bool(jnp.all(table | ~brute)) and int(jnp.sum(~table[1])) > 0
-    shared = jnp.concatenate([jnp.arange(64), jnp.arange(32, 64)])[None].astype(jnp.int32)
-    one_segment = jnp.ones_like(shared)
-    ids = (shared, one_segment, shared, one_segment)
-    table, brute = block_visibility(rule, *ids, 16, 8), _brute_force_tiles(rule, ids, 16, 8)
-    assert bool(jnp.all(table | ~brute))
+    _, _, _, (positions, segments), _ = _prefix_shared([(30, 20, 25), (9, 4, 3)], pad=5)
+    shared_rule = MaskRule(True, window, shared_prefix=True)
+    ids = (positions, segments, positions, segments)
+    table, brute = block_visibility(shared_rule, *ids, 16, 8), _brute_force_tiles(shared_rule, ids, 16, 8)
+    assert bool(jnp.all(table | ~brute)) and int(jnp.sum(~table)) > 0
 
 
 def test_work_falls_with_the_window():
@@ -151,3 +156,58 @@ def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="grouped-query"):
         flash_attention(q, k, v, q_positions=positions, kv_positions=positions, q_segment_ids=segments,
                         kv_segment_ids=segments, scale=1.0)
+
+
+def _prefix_shared(lengths, seed=0, heads=4, kv_heads=2, head_dim=32, pad=3):
+    """One row of (prompt | chosen | rejected) per pair, plus padding; and each pair's two separate sequences.
+
+    Returns (q, k, v, positions, segments) of the shared row and, per pair, the (start, stop) of its chosen
+    and rejected tokens with the separate (prompt | completion) tensors they must reproduce."""
+    keys = iter(jax.random.split(jax.random.key(seed), 9 * len(lengths)))
+    shared, separate = [[], [], []], []
+    positions, segments, offset = [], [], 0
+    for pair, (prompt, chosen, rejected) in enumerate(lengths, start=1):
+        parts = [[jax.random.normal(next(keys), (n, h, head_dim)) for h in (heads, kv_heads, kv_heads)]
+                 for n in (prompt, chosen, rejected)]
+        for branch, n in enumerate((prompt, chosen, rejected)):
+            for tensor, part in zip(shared, parts[branch]):
+                tensor.append(part)
+            start = 0 if branch == 0 else prompt
+            positions.append(np.arange(start, start + n))
+            segments.append(np.full(n, 4 * pair + branch))
+        for branch, n in ((1, chosen), (2, rejected)):
+            begin = offset + prompt + (chosen if branch == 2 else 0)
+            alone = [jnp.concatenate([parts[0][i], parts[branch][i]])[None] for i in range(3)]
+            separate.append(((begin, begin + n), alone, prompt))
+        offset += prompt + chosen + rejected
+    for tensor, size in zip(shared, (heads, kv_heads, kv_heads)):
+        tensor.append(jnp.zeros((pad, size, head_dim)))
+    positions.append(np.arange(pad))
+    segments.append(np.zeros(pad))
+    q, k, v = (jnp.concatenate(t)[None] for t in shared)
+    ids = (jnp.asarray(np.concatenate(positions), jnp.int32)[None], jnp.asarray(np.concatenate(segments), jnp.int32)[None])
+    return q, k, v, ids, separate
+
+
+def test_shared_prefix_rows_equal_separate_sequences():
+    """Reference with shared_prefix: each chosen/rejected token's output is that of its own (prompt | completion)
+    sequence run alone; prompt tokens too."""
+    q, k, v, (positions, segments), separate = _prefix_shared([(7, 5, 6), (4, 3, 2)])
+    common = dict(scale=0.2, sliding_window=6)
+    out = attention_reference(q, k, v, q_positions=positions, kv_positions=positions, q_segment_ids=segments,
+                              kv_segment_ids=segments, shared_prefix=True, **common)
+    for (start, stop), (q1, k1, v1), prompt in separate:
+        alone_positions = jnp.arange(q1.shape[1], dtype=jnp.int32)[None]
+        ones = jnp.ones_like(alone_positions)
+        alone = attention_reference(q1, k1, v1, q_positions=alone_positions, kv_positions=alone_positions,
+                                    q_segment_ids=ones, kv_segment_ids=ones, **common)
+        np.testing.assert_allclose(out[0, start:stop], alone[0, prompt:], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_shared_prefix_kernel_matches_reference(backend):
+    q, k, v, (positions, segments), _ = _prefix_shared([(9, 4, 7), (3, 6, 2), (12, 5, 5)], seed=1)
+    d_out = jax.random.normal(jax.random.key(9), q.shape)
+    common = dict(q_positions=positions, kv_positions=positions, q_segment_ids=segments, kv_segment_ids=segments,
+                  scale=0.2, logit_softcap=20.0, shared_prefix=True)
+    _assert_kernel_matches_reference(backend, q, k, v, d_out, common)

@@ -15,7 +15,8 @@ A batch (this process's r rows; K pair slots per row: 1, or more when packing) h
   pair_mask        [r, K]    float32 1 for the slots that hold a pair
   ref_logps        [r, K, 2] float32 precomputed reference logps (chosen, rejected), when given a table
 Packing puts a pair's chosen sequence in the chosen row and its rejected sequence in the rejected row,
-in the same slot, so a pair is always (chosen slot k, rejected slot k) of one row.
+in the same slot, so a pair is always (chosen slot k, rejected slot k) of one row. With
+`data.prefix_sharing` a pair is one row `prompt | chosen | rejected` instead (prefix_sharing.py).
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ from typing import Optional
 import grain
 import numpy as np
 
+from maxdpo.data.prefix_sharing import collate_shared, shared_row_lengths
 from maxdpo.data.sources import DataError
 from maxdpo.data.store import PairStore
 from maxdpo.data.tokenize import TokenizedPair
 
-BATCH_FIELDS = {"input_ids": 3, "positions": 3, "segment_ids": 3, "completion_mask": 3, "pair_mask": 2, "ref_logps": 3}
+BATCH_FIELDS = {"input_ids": 3, "positions": 3, "segment_ids": 3, "completion_mask": 3, "pair_mask": 2, "ref_logps": 3,
+                "prefix_target": 3}
 
 
 def bucket_lengths(max_length: int, smallest: int = 16) -> list[int]:
@@ -50,6 +53,12 @@ class BatchPlan:
     pad_id: int
     max_length: int
     packing: bool = False
+    prefix_sharing: bool = False  # one row per pair: prompt | chosen | rejected (prefix_sharing.py)
+
+    @property
+    def row_length(self) -> int:
+        """Longest row: one sequence, or with prefix sharing both sequences of a pair (the prompt once)."""
+        return 2 * self.max_length if self.prefix_sharing else self.max_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +86,13 @@ def epoch_order(count: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 
 
 def pack_rows(order: np.ndarray, lengths: np.ndarray, max_length: int) -> list[list[int]]:
-    """Next-fit packing in `order`: a row takes pairs while both its chosen and its rejected side fit."""
-    rows, current, used = [], [], np.zeros(2, np.int64)
+    """Next-fit packing in `order`: a row takes pairs while every side (chosen and rejected, or the one
+    shared row) fits. lengths [N, sides]."""
+    rows, current, used = [], [], np.zeros(lengths.shape[1], np.int64)
     for index in order:
         if current and np.any(used + lengths[index] > max_length):
             rows.append(current)
-            current, used = [], np.zeros(2, np.int64)
+            current, used = [], np.zeros(lengths.shape[1], np.int64)
         current.append(int(index))
         used += lengths[index]
     return rows + ([current] if current else [])
@@ -100,7 +110,12 @@ def _slots_needed(rows_per_epoch: list[list[list[int]]]) -> int:
     return 1 << (most - 1).bit_length()  # a power of two: few distinct shapes across runs
 
 
-def _schedule(store: PairStore, rows_per_epoch: list[list[list[int]]], batch_size: int, max_length: int,
+def pair_lengths(store: PairStore, plan: BatchPlan) -> np.ndarray:
+    """[N, sides] row lengths a pair takes: (chosen, rejected), or (shared row,) with prefix sharing."""
+    return shared_row_lengths(store) if plan.prefix_sharing else store.lengths
+
+
+def _schedule(lengths: np.ndarray, rows_per_epoch: list[list[list[int]]], batch_size: int, max_length: int,
               keep_partial: bool) -> Schedule:
     slots = _slots_needed(rows_per_epoch)
     buckets = bucket_lengths(max_length)
@@ -113,30 +128,32 @@ def _schedule(store: PairStore, rows_per_epoch: list[list[list[int]]], batch_siz
         batches.append(filled.reshape(steps, batch_size, slots))
         counts.append(steps)
     rows = np.concatenate(batches)  # [steps, batch rows, slots]
-    side_lengths = np.where(rows[..., None] >= 0, store.lengths[np.maximum(rows, 0)], 0)  # [steps, rows, slots, 2]
+    side_lengths = np.where(rows[..., None] >= 0, lengths[np.maximum(rows, 0)], 0)  # [steps, rows, slots, sides]
     longest = side_lengths.sum(axis=2).max(axis=(1, 2))  # [steps]: the longest row side of each batch
     lengths = np.asarray(buckets, np.int32)[np.searchsorted(buckets, longest)]  # the bucket holding it
     return Schedule(rows, lengths, tuple(counts))
 
 
-def _rows_in_order(store: PairStore, order: np.ndarray, plan: BatchPlan) -> list[list[int]]:
+def _rows_in_order(lengths: np.ndarray, order: np.ndarray, plan: BatchPlan) -> list[list[int]]:
     """The pairs in `order` as rows: packed, or one pair per row."""
-    return pack_rows(order, store.lengths, plan.max_length) if plan.packing else [[int(i)] for i in order]
+    return pack_rows(order, lengths, plan.row_length) if plan.packing else [[int(i)] for i in order]
 
 
 def training_schedule(store: PairStore, plan: BatchPlan) -> Schedule:
-    rows_per_epoch = [_rows_in_order(store, epoch_order(len(store), plan.seed, epoch, plan.shuffle), plan)
+    lengths = pair_lengths(store, plan)
+    rows_per_epoch = [_rows_in_order(lengths, epoch_order(len(store), plan.seed, epoch, plan.shuffle), plan)
                       for epoch in range(plan.epochs)]
     if len(rows_per_epoch[0]) < plan.batch_size:
         raise DataError(f"{len(store)} pairs make {len(rows_per_epoch[0])} rows, too few for one batch of "
                          f"{plan.batch_size} (trainer.batch_size)")
-    return _schedule(store, rows_per_epoch, plan.batch_size, plan.max_length, keep_partial=False)
+    return _schedule(lengths, rows_per_epoch, plan.batch_size, plan.row_length, keep_partial=False)
 
 
 def eval_schedule(store: PairStore, plan: BatchPlan) -> Schedule:
     """Every pair once, in order; the last batch is completed with empty rows."""
-    rows = _rows_in_order(store, np.arange(len(store)), plan)
-    return _schedule(store, [rows], plan.batch_size, plan.max_length, keep_partial=True)
+    lengths = pair_lengths(store, plan)
+    rows = _rows_in_order(lengths, np.arange(len(store)), plan)
+    return _schedule(lengths, [rows], plan.batch_size, plan.row_length, keep_partial=True)
 
 
 def collate(rows: list[list[TokenizedPair]], length: int, slots: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -170,6 +187,7 @@ class BatchBuilder:
     process_index: int = 0
     process_count: int = 1
     reference_logps: Optional[np.ndarray] = None  # [pairs, 2] precomputed reference logps, added to batches
+    prefix_sharing: bool = False
 
     def __post_init__(self):
         rows = self.schedule.rows.shape[1]
@@ -184,7 +202,8 @@ class BatchBuilder:
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         indices = self.pair_indices(step)
         rows = [[self.store.pair(i) for i in row if i >= 0] for row in indices]
-        batch = collate(rows, int(self.schedule.lengths[step]), self.schedule.rows.shape[2], self.pad_id)
+        layout = collate_shared if self.prefix_sharing else collate
+        batch = layout(rows, int(self.schedule.lengths[step]), self.schedule.rows.shape[2], self.pad_id)
         if self.reference_logps is not None:
             batch["ref_logps"] = np.where(indices[..., None] >= 0, self.reference_logps[np.maximum(indices, 0)], 0.0)
         return batch

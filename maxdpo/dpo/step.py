@@ -1,7 +1,8 @@
 """The DPO train and eval steps: pure functions of (state, reference params, batch), jitted by the trainer.
 
-Chosen and rejected rows go through one forward ([B, 2, T] -> [2B, T]); the reference's logps come from
-its own forward or, precomputed, from the batch (reference params None). Only the trainable part of
+Chosen and rejected rows go through one forward ([B, 2, T] -> [2B, T], or [B, 1, T] prefix-shared rows);
+the reference's logps come from its own forward or, precomputed, from the batch (reference params
+None). Only the trainable part of
 the parameters (`TrainableSplit`) is differentiated and updated. Metrics are accumulated as sums
 over pairs and completion tokens and divided once, so gradient accumulation over micro-batches gives
 exactly the full-batch loss, gradients and metrics. Names and definitions follow TRL.
@@ -16,9 +17,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from maxdpo.dpo.logps import completion_logps
+from maxdpo.dpo.logps import completion_logps, shared_completion_logps
 from maxdpo.dpo.freeze import TrainableSplit
 from maxdpo.dpo.losses import LossHyper, PairLogps, preference_loss
+from maxdpo.kernels.attention_blocks import PREFIX_GROUP
 
 # Sums over pairs; divided by the number of pairs.
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -34,22 +36,28 @@ class LossSettings:
 
 
 def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Forward pass over chosen and rejected rows: per-pair logps and logit sums, each [B*K, 2] for B rows of
-    K pair slots; MoE models add the router load-balancing loss of the whole forward (`aux_loss`, a scalar,
-    as transformers computes it)."""
-    rows, _, seq = batch["input_ids"].shape
+    """Forward pass over chosen and rejected rows ([B, 2, T]) or prefix-shared rows ([B, 1, T]): per-pair
+    logps and logit sums, each [B*K, 2] for B rows of K pair slots; MoE models add the router
+    load-balancing loss of the whole forward (`aux_loss`, a scalar, as transformers computes it)."""
+    rows, sides, seq = batch["input_ids"].shape
     slots = batch["pair_mask"].shape[1]
-    flat = {name: batch[name].reshape(rows * 2, seq)  # [2B, T]
+    flat = {name: batch[name].reshape(rows * sides, seq)  # [B*sides, T]
             for name in ("input_ids", "positions", "segment_ids", "completion_mask")}
     model = nnx.merge(graphdef, params)
     logits, aux_loss = model.forward(flat["input_ids"], positions=flat["positions"],
-                                     segment_ids=flat["segment_ids"])  # [2B, T, V], []
-    sums = completion_logps(logits, flat["input_ids"], flat["completion_mask"], flat["segment_ids"], slots)
+                                     segment_ids=flat["segment_ids"])  # [B*sides, T, V], []
+    if sides == 1:
+        sums = shared_completion_logps(logits, flat["input_ids"], flat["completion_mask"], flat["segment_ids"],
+                                       batch["prefix_target"][:, 0], slots)  # each [B, K, 2]
+        stats = {name: values.reshape(rows * slots, 2)
+                 for name, values in zip(("logps", "logit_sums", "counts"), sums)}
+    else:
+        sums = completion_logps(logits, flat["input_ids"], flat["completion_mask"], flat["segment_ids"], slots)
 
-    def per_pair(values):  # [2B, K] -> [B*K, 2]
-        return values.reshape(rows, 2, slots).transpose(0, 2, 1).reshape(rows * slots, 2)
+        def per_pair(values):  # [2B, K] -> [B*K, 2]
+            return values.reshape(rows, 2, slots).transpose(0, 2, 1).reshape(rows * slots, 2)
 
-    stats = dict(zip(("logps", "logit_sums", "counts"), map(per_pair, sums)))
+        stats = dict(zip(("logps", "logit_sums", "counts"), map(per_pair, sums)))
     if model.spec.num_experts:
         stats["aux_loss"] = aux_loss
     return stats
@@ -64,7 +72,11 @@ def reference_stats(graphdef: nnx.GraphDef, ref_params: Optional[dict], batch: d
 
 def sft_scale(batch: dict) -> jax.Array:
     """Pairs per chosen completion token over the whole batch (see PairLogps.sft_scale)."""
-    return jnp.sum(batch["pair_mask"]) / jnp.maximum(jnp.sum(batch["completion_mask"][:, 0]), 1)
+    if batch["input_ids"].shape[1] == 1:  # prefix-shared rows: chosen tokens are branch 1
+        chosen = batch["completion_mask"] * (batch["segment_ids"] % PREFIX_GROUP == 1)
+    else:
+        chosen = batch["completion_mask"][:, 0]
+    return jnp.sum(batch["pair_mask"]) / jnp.maximum(jnp.sum(chosen), 1)
 
 
 def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair_mask: jax.Array,

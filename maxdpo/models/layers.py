@@ -118,7 +118,8 @@ class Attention(nnx.Module):
         out = dot_product_attention(
             q, k, v, impl=self.spec.attention, q_positions=positions, kv_positions=positions,
             q_segment_ids=segment_ids, kv_segment_ids=segment_ids, scale=self.spec.attention_scale,
-            sliding_window=sliding_window, logit_softcap=self.spec.attn_logit_softcap)
+            sliding_window=sliding_window, logit_softcap=self.spec.attn_logit_softcap,
+            shared_prefix=self.spec.shared_prefix)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dtype))  # [B, T, D]
 
 

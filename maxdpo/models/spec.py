@@ -53,6 +53,7 @@ class ModelSpec:
     moe_impl: str = "dense"
     remat: str = "none"
     scan_layers: bool = True
+    shared_prefix: bool = False  # inputs in the prefix-sharing layout (data.prefix_sharing)
 
     ARCHITECTURE_FIELDS = (
         "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
