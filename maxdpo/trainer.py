@@ -18,7 +18,8 @@ from maxdpo.checkpoint.hf import save_params, spec_from_pretrained
 from maxdpo.checkpoint.state import CheckpointStore, abstract_like, latest_meta, spec_to_meta
 from maxdpo.config import Config, ConfigError, save_config, to_dict
 from maxdpo.data.sources import resolve_path
-from maxdpo.data.loader import BATCH_FIELDS, BatchBuilder, batch_iterator, eval_schedule, training_schedule
+from maxdpo.data.loader import (BATCH_FIELDS, BatchBuilder, batch_iterator, batch_tokens, eval_schedule,
+                                training_schedule)
 from maxdpo.dpo import precompute
 from maxdpo.dpo.freeze import trainable_split
 from maxdpo.dpo.losses import LossHyper
@@ -260,7 +261,7 @@ class Trainer:
             for step in range(start + 1, self.total_steps + 1):
                 batch = next(batches)
                 state, metrics = train_step(state, ref_params, _global_batch(batch, self.batch_shardings))
-                tokens += int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
+                tokens += batch_tokens(batch) * jax.process_count()
                 if pending is not None:
                     self._check_finite(*pending)
                 pending = (step, metrics)

@@ -5,7 +5,7 @@
 
 The model is random-initialised from the config (`model.overrides` set its shape), the batch is
 synthetic: `--rows` pairs, chosen and rejected of `--seq` tokens each, the first `--prompt` of them
-prompt. Prints compile time, step time (median of --steps after --warmup), tokens/s (chosen + rejected
+prompt (laid out once per pair with `data.prefix_sharing=true`; tokens/s still counts both sequences). Prints compile time, step time (median of --steps after --warmup), tokens/s (chosen + rejected
 tokens, all real), peak memory (the device's allocator peak where it reports one, else the compiled
 step's footprint per device, and the process's peak RSS), and MFU = model FLOPs per step
 (`maxdpo/flops.py`) / step time / (devices x peak). The peak is the device's bf16 dense peak from a
@@ -26,7 +26,9 @@ import numpy as np
 
 from maxdpo import components
 from maxdpo.config import load_config
-from maxdpo.data.loader import BATCH_FIELDS
+from maxdpo.data.loader import BATCH_FIELDS, collate
+from maxdpo.data.prefix_sharing import collate_shared
+from maxdpo.data.tokenize import TokenizedPair
 from maxdpo.dpo.freeze import trainable_split
 from maxdpo.dpo.losses import LossHyper
 from maxdpo.dpo.optim import make_optimizer
@@ -61,15 +63,21 @@ def measured_peak(size: int = 8192, iters: int = 20) -> float:
     return 2 * size ** 3 / statistics.median(times) / 1e12
 
 
-def synthetic_batch(rows: int, seq: int, prompt: int, vocab: int, precompute: bool, seed: int = 0) -> dict:
-    """One pair per row; chosen and rejected share the prompt; every token real."""
+def synthetic_batch(rows: int, seq: int, prompt: int, vocab: int, shared: bool, precompute: bool,
+                    seed: int = 0) -> dict:
+    """One pair per row, chosen and rejected of `seq` tokens sharing the first `prompt`; every token real.
+    With prefix sharing the row is prompt | chosen | rejected (prompt + 2 x completion tokens)."""
     rng = np.random.default_rng(seed)
-    ids = rng.integers(3, vocab, (rows, 2, seq), dtype=np.int32)
-    ids[:, 1, :prompt] = ids[:, 0, :prompt]
-    batch = {"input_ids": ids, "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, 2, seq)).copy(),
-             "segment_ids": np.ones((rows, 2, seq), np.int32),
-             "completion_mask": np.broadcast_to(np.arange(seq) >= prompt, (rows, 2, seq)).astype(np.int32),
-             "pair_mask": np.ones((rows, 1), np.float32)}
+    pairs = []
+    for _ in range(rows):
+        prompt_ids = rng.integers(3, vocab, prompt, dtype=np.int32)
+        chosen, rejected = (np.concatenate([prompt_ids, rng.integers(3, vocab, seq - prompt, dtype=np.int32)])
+                            for _ in range(2))
+        pairs.append(TokenizedPair(chosen, rejected, prompt, prompt))
+    if shared:
+        batch = collate_shared([[pair] for pair in pairs], 2 * seq - prompt, 1, pad_id=0)
+    else:
+        batch = collate([[pair] for pair in pairs], seq, 1, pad_id=0)
     if precompute:
         batch["ref_logps"] = rng.normal(-50.0, 5.0, (rows, 1, 2)).astype(np.float32)
     return batch
@@ -87,7 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--measure-peak", action="store_true")
     parser.add_argument("--json", help="also write the result to this file")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.config and "=" in args.config:  # only overrides were given
         args.overrides, args.config = [args.config, *args.overrides], None
 
@@ -112,7 +120,7 @@ def main(argv=None) -> int:
         state = {"step": jnp.asarray(0, jnp.int32), "params": params,
                  "opt_state": jax.jit(optimizer.init)(split.trainable(params))}
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        host_batch = synthetic_batch(rows, seq, prompt, spec.vocab_size, precompute)
+        host_batch = synthetic_batch(rows, seq, prompt, spec.vocab_size, cfg.data.prefix_sharing, precompute)
         batch_shardings = {k: batch_sharding(mesh, rules, BATCH_FIELDS[k]) for k in host_batch}
         batch = {k: jax.device_put(v, batch_shardings[k]) for k, v in host_batch.items()}
         jitted = jax.jit(step, in_shardings=(state_shardings, None if precompute else param_shardings, batch_shardings),
@@ -137,6 +145,7 @@ def main(argv=None) -> int:
         device=device.device_kind, devices=jax.device_count(), mesh=dict(mesh.shape),
         data_parallel=data_parallel_size(mesh, rules), model=spec.family, params=spec.num_params(),
         layers=spec.num_layers, rows=rows, seq=seq, prompt=prompt, micro_batch=micro, dtype=cfg.model.dtype,
+        prefix_sharing=cfg.data.prefix_sharing,
         attention=spec.attention, moe_impl=spec.moe_impl, remat=spec.remat, precompute_reference=precompute,
         compile_s=compile_s, step_s=step_s, step_s_all=times, tokens_per_s=tokens / step_s,
         model_tflops_per_step=flops / 1e12, achieved_tflops_per_device=flops / step_s / jax.device_count() / 1e12,

@@ -26,7 +26,7 @@ from typing import Optional
 import grain
 import numpy as np
 
-from maxdpo.data.prefix_sharing import collate_shared, shared_row_lengths
+from maxdpo.data.prefix_sharing import collate_shared, sequence_tokens, shared_row_lengths
 from maxdpo.data.sources import DataError
 from maxdpo.data.store import PairStore
 from maxdpo.data.tokenize import TokenizedPair
@@ -207,6 +207,12 @@ class BatchBuilder:
         if self.reference_logps is not None:
             batch["ref_logps"] = np.where(indices[..., None] >= 0, self.reference_logps[np.maximum(indices, 0)], 0.0)
         return batch
+
+
+def batch_tokens(batch: dict[str, np.ndarray]) -> int:
+    """Chosen + rejected tokens in a batch (a shared prompt counted twice), so layouts compare in tokens/s."""
+    segment_ids = batch["segment_ids"]
+    return sequence_tokens(segment_ids) if segment_ids.shape[1] == 1 else int(np.count_nonzero(segment_ids))
 
 
 def batch_dataset(builder: BatchBuilder) -> grain.MapDataset:

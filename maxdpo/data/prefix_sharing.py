@@ -36,6 +36,12 @@ def shared_row_lengths(store: PairStore) -> np.ndarray:
     return (store.lengths.sum(axis=1) - shared)[:, None]
 
 
+def sequence_tokens(segment_ids: np.ndarray) -> int:
+    """Tokens of the chosen and rejected sequences in shared rows, the prompt counted for both."""
+    real = segment_ids > 0
+    return int(np.count_nonzero(real) + np.count_nonzero(real & (segment_ids % PREFIX_GROUP == PROMPT)))
+
+
 def collate_shared(rows: list[list[TokenizedPair]], length: int, slots: int, pad_id: int) -> dict[str, np.ndarray]:
     """Rows of pairs in the shared layout above, padded to `length`."""
     count = len(rows)
