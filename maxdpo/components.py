@@ -32,7 +32,8 @@ log = logging.getLogger("maxdpo")
 def runtime_options(cfg: Config) -> dict:
     return dict(dtype=to_dtype(cfg.model.dtype), param_dtype=to_dtype(cfg.model.param_dtype),
                 attention=cfg.model.attention, moe_impl=cfg.model.moe_impl, remat=cfg.model.remat,
-                scan_layers=cfg.model.scan_layers, shared_prefix=cfg.data.prefix_sharing)
+                scan_layers=cfg.model.scan_layers, shared_prefix=cfg.data.prefix_sharing,
+                logits_chunk=cfg.model.logits_chunk)
 
 
 def build_spec(cfg: Config) -> ModelSpec:

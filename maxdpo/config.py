@@ -43,6 +43,7 @@ class ModelConfig:
     moe_impl: str = "dense"
     remat: str = "none"
     scan_layers: bool = True
+    logits_chunk: int = 512  # positions per vocabulary projection in the loss; 0: the whole sequence at once
 
 
 @dataclasses.dataclass
@@ -303,6 +304,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {_value(cfg, key)!r}")
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"config key 'dpo.beta' must be > 0, got {cfg.dpo.beta}")
+    if cfg.model.logits_chunk < 0:
+        raise ConfigError(f"config key 'model.logits_chunk' must be >= 0 (0: no chunking), got {cfg.model.logits_chunk}")
     if cfg.dpo.router_aux_coef < 0:
         raise ConfigError(f"config key 'dpo.router_aux_coef' must be >= 0, got {cfg.dpo.router_aux_coef}")
     if not 0.0 <= cfg.dpo.label_smoothing < 0.5:

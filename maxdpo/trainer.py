@@ -40,6 +40,7 @@ class NonFiniteLossError(RuntimeError):
 
 # Settings a resumed run may change: where things run and how often they are logged, saved and exported.
 RESUME_FREE_KEYS = ("run.output_dir", "model.attention", "model.moe_impl", "model.remat", "model.scan_layers",
+                    "model.logits_chunk",
                     "data.num_proc", "data.cache", "data.cache_dir", "trainer.eval_every", "trainer.save_every",
                     "trainer.log_every", "trainer.keep_checkpoints", "trainer.resume", "mesh.", "export.")
 

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 
 import maxdpo
 from hf_models import maxdpo_params, tiny_hf, tiny_llama
-from maxdpo.config import OptimizerConfig
+from maxdpo import components
+from maxdpo.config import OptimizerConfig, load_config
 from maxdpo.data.loader import collate
 from maxdpo.data.prefix_sharing import collate_shared
 from maxdpo.data.sources import resolve_path
@@ -21,8 +22,9 @@ from maxdpo.config import FreezeConfig
 from maxdpo.dpo.freeze import trainable_split
 from maxdpo.dpo.losses import LossHyper
 from maxdpo.dpo.optim import make_optimizer
-from maxdpo.dpo.step import LossSettings, make_train_step
+from maxdpo.dpo.step import LossSettings, make_train_step, sequence_stats
 from maxdpo.models.registry import get_family
+from maxdpo.sharding import make_mesh
 
 ROWS = [
     {"prompt": "add 1 + 2 =", "chosen": " 3", "rejected": " 4"},
@@ -124,17 +126,29 @@ def test_mixtral_router_aux_loss_enters_loss_and_gradients_as_in_trl(setup, tmp_
     assert float(metrics["loss"]) - float(without["loss"]) == pytest.approx(0.5 * expected["aux_loss"], rel=1e-5)
 
 
-def _assert_sgd_steps_agree(graphdef, params, ref_params, expected, actual, metrics_rtol):
-    """Steps on (batch, num_micro) `expected` and `actual` give the same metrics and, with SGD at rate 1 (the
-    update is the gradient itself), the same gradient."""
-    sgd = (optax.sgd(1.0), optax.constant_schedule(1.0))
-    (expected_state, expected_metrics), (state, metrics) = (
-        _step(graphdef, params, ref_params, batch, num_micro=num_micro, tx_and_schedule=sgd)
-        for batch, num_micro in (expected, actual))
+SGD = (optax.sgd(1.0), optax.constant_schedule(1.0))  # the update is the gradient itself
+
+
+def _assert_same_step(expected, actual, metrics_rtol):
+    """Two (state, metrics) step results agree: metrics to metrics_rtol, updated parameters to 1e-5."""
+    (expected_state, expected_metrics), (state, metrics) = expected, actual
     for name in expected_metrics:
         np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=metrics_rtol, atol=1e-6, err_msg=name)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  state["params"], expected_state["params"])
+
+
+def _assert_sgd_steps_agree(graphdef, params, ref_params, expected, actual, metrics_rtol):
+    """SGD steps on (batch, num_micro) `expected` and `actual` give the same metrics and gradient."""
+    _assert_same_step(*(_step(graphdef, params, ref_params, batch, num_micro=num_micro, tx_and_schedule=SGD)
+                        for batch, num_micro in (expected, actual)), metrics_rtol)
+
+
+def _loaded_sgd_step(models, batch, **runtime):
+    """An SGD step of `models`/policy against `models`/ref, both loaded with the `runtime` model options."""
+    graphdef, state = nnx.split(maxdpo.load_pretrained(models / "policy", **runtime))
+    ref_params = nnx.to_pure_dict(nnx.split(maxdpo.load_pretrained(models / "ref", **runtime))[1])
+    return _step(graphdef, nnx.to_pure_dict(state), ref_params, batch, 1, tx_and_schedule=SGD)
 
 
 def test_gradient_accumulation_equals_full_batch(setup):
@@ -170,15 +184,40 @@ def test_prefix_shared_rows_give_the_unshared_step(setup, tmp_path, family, atte
     tiny_hf(tmp_path / "ref", family, seed=1)
     unshared = collate([[pair] for pair in pairs], 32, 1, pad_id=0)
     shared = collate_shared([[pairs[0], pairs[1]], [pairs[2]], [], [pairs[3], pairs[4]]], 64, 2, pad_id=0)
-    sgd = (optax.sgd(1.0), optax.constant_schedule(1.0))
-    results = []
-    for batch, shared_prefix in ((unshared, False), (shared, True)):
-        load = dict(attention=attention, shared_prefix=shared_prefix)
-        graphdef, state = nnx.split(maxdpo.load_pretrained(tmp_path / "policy", **load))
-        ref_params = nnx.to_pure_dict(nnx.split(maxdpo.load_pretrained(tmp_path / "ref", **load))[1])
-        results.append(_step(graphdef, nnx.to_pure_dict(state), ref_params, batch, 1, tx_and_schedule=sgd))
-    (expected_state, expected), (state, metrics) = results
-    for name in expected:
-        np.testing.assert_allclose(metrics[name], expected[name], rtol=2e-5, atol=1e-6, err_msg=name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 state["params"], expected_state["params"])
+    _assert_same_step(_loaded_sgd_step(tmp_path, unshared, attention=attention),
+                      _loaded_sgd_step(tmp_path, shared, attention=attention, shared_prefix=True), 2e-5)
+
+
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_chunked_vocab_projection_gives_the_same_step(setup, chunk):
+    """model.logits_chunk: the loss's vocabulary projection in chunks of positions (recomputed in the backward
+    pass) gives the unchunked step's metrics and update, also on prefix-shared rows."""
+    _, _, tmp, batch, pairs = setup
+    shared = collate_shared([[pairs[0], pairs[1]], [pairs[2], pairs[3]]], 64, 2, pad_id=0)
+    for data, shared_prefix in ((batch, False), (shared, True)):
+        _assert_same_step(_loaded_sgd_step(tmp, data, logits_chunk=0, shared_prefix=shared_prefix),
+                          _loaded_sgd_step(tmp, data, logits_chunk=chunk, shared_prefix=shared_prefix), 1e-5)
+
+
+def test_chunked_vocab_projection_never_holds_all_logits():
+    """Vocab 32000, 8 sequences of 512: the step's compiled temporaries shrink by more than the fp32 logits
+    (524 MB) minus one chunk's worth when projecting 64 positions at a time."""
+    temps = {}
+    for chunk in (0, 64):
+        cfg = load_config(None, ["model.overrides.vocab_size=32000", "model.overrides.max_position_embeddings=512",
+                                 f"model.logits_chunk={chunk}"])
+        spec = components.build_spec(cfg)
+        mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+        graphdef, abstract, _ = components.param_shardings(spec, mesh, cfg.mesh.logical_axis_rules)
+        shapes = {"input_ids": (4, 2, 512), "positions": (4, 2, 512), "segment_ids": (4, 2, 512),
+                  "completion_mask": (4, 2, 512)}
+        batch = {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in shapes.items()}
+        batch["pair_mask"] = jax.ShapeDtypeStruct((4, 1), np.float32)
+
+        def loss(params, batch):
+            return sequence_stats(graphdef, params, batch)["logps"].sum()
+
+        compiled = jax.jit(jax.grad(loss)).lower(abstract, batch).compile()
+        temps[chunk] = compiled.memory_analysis().temp_size_in_bytes
+    logits_bytes = 8 * 512 * 32000 * 4
+    assert temps[0] - temps[64] > 0.75 * logits_bytes, temps

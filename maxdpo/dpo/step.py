@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from maxdpo.dpo.logps import completion_logps, shared_completion_logps
+from maxdpo.dpo.logps import completion_logps, next_token_labels, shared_completion_logps, token_stats
 from maxdpo.dpo.freeze import TrainableSplit
 from maxdpo.dpo.losses import LossHyper, PairLogps, preference_loss
 from maxdpo.kernels.attention_blocks import PREFIX_GROUP
@@ -44,15 +44,17 @@ def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Ar
     flat = {name: batch[name].reshape(rows * sides, seq)  # [B*sides, T]
             for name in ("input_ids", "positions", "segment_ids", "completion_mask")}
     model = nnx.merge(graphdef, params)
-    logits, aux_loss = model.forward(flat["input_ids"], positions=flat["positions"],
-                                     segment_ids=flat["segment_ids"])  # [B*sides, T, V], []
+    hidden, aux_loss = model.hidden_states(flat["input_ids"], positions=flat["positions"],
+                                           segment_ids=flat["segment_ids"])  # [B*sides, T, D], []
+    labels = next_token_labels(flat["input_ids"])
+    extra = batch["prefix_target"][:, 0] if sides == 1 else None
+    tokens = token_stats(model.vocab_projection(), hidden, labels, extra, chunk=model.spec.logits_chunk)
     if sides == 1:
-        sums = shared_completion_logps(logits, flat["input_ids"], flat["completion_mask"], flat["segment_ids"],
-                                       batch["prefix_target"][:, 0], slots)  # each [B, K, 2]
-        stats = {name: values.reshape(rows * slots, 2)
+        sums = shared_completion_logps(tokens, flat["completion_mask"], flat["segment_ids"], extra, slots)
+        stats = {name: values.reshape(rows * slots, 2)  # [B, K, 2] -> [B*K, 2]
                  for name, values in zip(("logps", "logit_sums", "counts"), sums)}
     else:
-        sums = completion_logps(logits, flat["input_ids"], flat["completion_mask"], flat["segment_ids"], slots)
+        sums = completion_logps(tokens, flat["completion_mask"], flat["segment_ids"], slots)
 
         def per_pair(values):  # [2B, K] -> [B*K, 2]
             return values.reshape(rows, 2, slots).transpose(0, 2, 1).reshape(rows * slots, 2)

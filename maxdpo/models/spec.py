@@ -54,6 +54,7 @@ class ModelSpec:
     remat: str = "none"
     scan_layers: bool = True
     shared_prefix: bool = False  # inputs in the prefix-sharing layout (data.prefix_sharing)
+    logits_chunk: int = 512  # positions per vocabulary projection in the loss (0: all at once)
 
     ARCHITECTURE_FIELDS = (
         "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",

@@ -4,7 +4,7 @@ Families differ only by their ModelSpec and the small pieces their modules pass 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -116,14 +116,12 @@ class Transformer(nnx.Module):
             statistics += stats
         return x, statistics
 
-    def forward(self, input_ids: jax.Array, positions: Optional[jax.Array] = None,
-                segment_ids: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None
-                ) -> tuple[jax.Array, jax.Array]:
-        """(logits [B, T, V] fp32, router load-balancing loss as transformers computes it; 0 without MoE).
-
-        input_ids [B, T]; positions [B, T] (default 0..T-1); segment_ids [B, T] (0 = padding) or an
-        attention_mask [B, T] of 1/0 as in transformers.
-        """
+    def hidden_states(self, input_ids: jax.Array, positions: Optional[jax.Array] = None,
+                      segment_ids: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None
+                      ) -> tuple[jax.Array, jax.Array]:
+        """(final-norm hidden states [B, T, D], router load-balancing loss as transformers computes it; 0
+        without MoE). input_ids [B, T]; positions [B, T] (default 0..T-1); segment_ids [B, T] (0 = padding)
+        or an attention_mask [B, T] of 1/0 as in transformers."""
         spec = self.spec
         batch, seq = input_ids.shape
         if positions is None:
@@ -131,21 +129,34 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = (jnp.ones((batch, seq), jnp.int32) if attention_mask is None
                            else attention_mask.astype(jnp.int32))
-        embed = self.embed[...]
-        x = jnp.take(embed, input_ids, axis=0).astype(spec.dtype)  # [B, T, D]
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(spec.dtype)  # [B, T, D]
         if spec.scale_embeddings:
             x = x * jnp.asarray(spec.hidden_size ** 0.5, spec.dtype)
         x, statistics = self._run_layers(x, positions, segment_ids)
-        x = self.final_norm(x)
-        head = embed.T if spec.tie_word_embeddings else self.lm_head[...]  # [D, V]
-        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(spec.dtype), preferred_element_type=jnp.float32)
-        if spec.final_logit_softcap is not None:
-            logits = jnp.tanh(logits / spec.final_logit_softcap) * spec.final_logit_softcap
         aux_loss = jnp.zeros((), jnp.float32)
         if statistics:
             num_rows = jnp.sum(segment_ids > 0).astype(jnp.float32) * spec.num_layers
             aux_loss = load_balancing_loss(sum(statistics), num_rows)
-        return logits, aux_loss
+        return self.final_norm(x), aux_loss
+
+    def vocab_projection(self) -> Callable[[jax.Array], jax.Array]:
+        """hidden [..., D] -> fp32 logits [..., V] (tied or separate head, final soft-cap)."""
+        spec = self.spec
+        head = (self.embed[...].T if spec.tie_word_embeddings else self.lm_head[...]).astype(spec.dtype)  # [D, V]
+
+        def project(x: jax.Array) -> jax.Array:
+            logits = jnp.einsum("...D,DV->...V", x, head, preferred_element_type=jnp.float32)
+            if spec.final_logit_softcap is not None:
+                logits = jnp.tanh(logits / spec.final_logit_softcap) * spec.final_logit_softcap
+            return logits
+        return project
+
+    def forward(self, input_ids: jax.Array, positions: Optional[jax.Array] = None,
+                segment_ids: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None
+                ) -> tuple[jax.Array, jax.Array]:
+        """(logits [B, T, V] fp32, router load-balancing loss); arguments as `hidden_states`."""
+        hidden, aux_loss = self.hidden_states(input_ids, positions, segment_ids, attention_mask)
+        return self.vocab_projection()(hidden), aux_loss
 
     def __call__(self, input_ids: jax.Array, positions: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None) -> jax.Array:
