@@ -55,3 +55,17 @@ def test_bench_reports_a_step(tmp_path):
     assert result["model_tflops_per_step"] == pytest.approx(dpo_step_flops(spec, 8, 32) / 1e12)
     assert result["mfu"] == pytest.approx(result["achieved_tflops_per_device"])
     assert np.isfinite(result["loss"]) and result["compile_s"] > 0 and len(result["step_s_all"]) == 2
+
+
+def test_bench_vs_trl_runs_both_sides(tmp_path):
+    """tools/bench_vs_trl.py end to end at a few steps: both frameworks train and report a speed."""
+    spec = importlib.util.spec_from_file_location("bench_vs_trl", Path(__file__).parents[1] / "tools" / "bench_vs_trl.py")
+    bench_vs_trl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_vs_trl)
+    out = tmp_path / "vs.json"
+    assert bench_vs_trl.main(["--steps", "12", "--warmup", "5", "--batch", "8", "--json", str(out),
+                              "--maxdpo", "data.prefix_sharing=true"]) == 0
+    result = json.loads(out.read_text())
+    assert result["trl"]["tokens_per_s"] > 0 and result["maxdpo"]["tokens_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["maxdpo"]["tokens_per_s"] / result["trl"]["tokens_per_s"])
+    assert result["trl"]["steps"] == 7 and result["maxdpo"]["steps"] == 2
