@@ -68,4 +68,4 @@ def test_bench_vs_trl_runs_both_sides(tmp_path):
     result = json.loads(out.read_text())
     assert result["trl"]["tokens_per_s"] > 0 and result["maxdpo"]["tokens_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["maxdpo"]["tokens_per_s"] / result["trl"]["tokens_per_s"])
-    assert result["trl"]["steps"] == 7 and result["maxdpo"]["steps"] == 2
+    assert result["trl"]["steps"] == 7 and result["maxdpo"]["windows"] == 2  # steps 6-12; windows ending 10, 12

@@ -80,10 +80,11 @@ def run_maxdpo(folder: Path, batch: int, steps: int, warmup: int, out: Path, ove
             f"trainer.max_steps={steps}", f"trainer.log_every={warmup}", "trainer.save_every=0", "data.eval=null",
             "optimizer.learning_rate=1e-3", "optimizer.warmup_ratio=0", "optimizer.schedule=constant",
             "export.hf=false", f"run.output_dir={out}", *overrides]
-    assert train.main(args) == 0
+    if train.main(args) != 0:
+        raise RuntimeError("the maxdpo run failed; its log says why")
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [row["tokens_per_sec"] for row in logged if row["step"] > warmup]  # one per window of `warmup` steps
-    return dict(steps=len(rates), tokens_per_s=statistics.median(rates), devices=jax.device_count())
+    return dict(windows=len(rates), tokens_per_s=statistics.median(rates), devices=jax.device_count())
 
 
 def run_side(side: str, args, tmp: Path) -> dict:
