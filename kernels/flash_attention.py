@@ -75,8 +75,9 @@ def _flash_bwd(statics, residuals, d_out):
     q, k, v, ids, out, lse = residuals
     sizes = statics.sizes
     table = _visibility(statics, ids, sizes.block_q_bwd, sizes.block_k_bwd)
+    delta = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), d_out.astype(jnp.float32))  # [B, N, T]
     dq, dk, dv = BACKENDS[statics.backend].backward(
-        q, k, v, *ids, visible_ranges(table), visible_ranges(jnp.swapaxes(table, 1, 2)), out, lse, d_out,
+        q, k, v, *ids, visible_ranges(table), visible_ranges(jnp.swapaxes(table, 1, 2)), lse, delta, d_out,
         rule=statics.rule, scale=statics.scale, softcap=statics.softcap, block_q=sizes.block_q_bwd,
         block_k=sizes.block_k_bwd, interpret=statics.interpret)
     return dq, dk, dv, jax.tree.map(lambda _: None, ids)

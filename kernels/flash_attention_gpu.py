@@ -111,13 +111,13 @@ def _dkv_kernel(ranges_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, 
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, kv_ranges, q_ranges, out, lse, d_out, *, rule, scale,
+def backward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, kv_ranges, q_ranges, lse, delta, d_out, *, rule, scale,
              softcap, block_q, block_k, interpret):
-    """Padded inputs and residuals -> (dq, dk, dv). q_ranges [B, S/bk, 2] lists query blocks per key block."""
+    """Padded inputs, lse and delta = rowsum(out * d_out) [B, N, T] -> (dq, dk, dv). q_ranges [B, S/bk, 2]
+    lists the query blocks of each key block."""
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    delta = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), d_out.astype(jnp.float32))  # [B, N, T]
     statics = dict(rule=rule, scale=scale, softcap=softcap)
     params = _compiler_params(head_dim)
 

@@ -24,6 +24,21 @@ def _range(ranges_ref, row, block):
     return first, end, jnp.minimum(jnp.maximum(block, first), jnp.maximum(end - 1, first))
 
 
+def _query_grid_specs(num_q_blocks: int, group: int, block_q: int, block_k: int, head_dim: int):
+    """BlockSpecs (q tile, k/v tile, q ids, kv ids) of a (batch, head, q block, kv block) grid whose kv index
+    is clamped into the q block's visible range (scalar-prefetched ranges)."""
+    def kv_tile(b, n, i, j, ranges):
+        return b, jax.lax.div(n, group), _range(ranges, b * num_q_blocks + i, j)[2], 0
+
+    def kv_ids_tile(b, n, i, j, ranges):
+        return b, 0, _range(ranges, b * num_q_blocks + i, j)[2]
+
+    return (pl.BlockSpec((None, None, block_q, head_dim), lambda b, n, i, j, r: (b, n, i, 0)),
+            pl.BlockSpec((None, None, block_k, head_dim), kv_tile),
+            pl.BlockSpec((None, block_q, 1), lambda b, n, i, j, r: (b, i, 0)),
+            pl.BlockSpec((None, 1, block_k), kv_ids_tile))
+
+
 def _ids(q_pos, q_seg, kv_pos, kv_seg):
     """[B, T] ids -> q side [B, T, 1], key side [B, 1, S] (rows against lanes inside the kernel)."""
     return q_pos[:, :, None], q_seg[:, :, None], kv_pos[:, None, :], kv_seg[:, None, :]
@@ -70,16 +85,7 @@ def forward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, kv_ranges, *, rule, scale, so
     kv_len, group = k.shape[1], num_heads // k.shape[2]
     num_q_blocks = q_len // block_q
 
-    def kv_index(b, n, i, j, ranges):
-        return b, jax.lax.div(n, group), _range(ranges, b * num_q_blocks + i, j)[2], 0
-
-    def kv_ids_index(b, n, i, j, ranges):
-        return b, 0, _range(ranges, b * num_q_blocks + i, j)[2]
-
-    q_block = pl.BlockSpec((None, None, block_q, head_dim), lambda b, n, i, j, r: (b, n, i, 0))
-    kv_block = pl.BlockSpec((None, None, block_k, head_dim), kv_index)
-    q_ids = pl.BlockSpec((None, block_q, 1), lambda b, n, i, j, r: (b, i, 0))
-    kv_ids = pl.BlockSpec((None, 1, block_k), kv_ids_index)
+    q_block, kv_block, q_ids, kv_ids = _query_grid_specs(num_q_blocks, group, block_q, block_k, head_dim)
     kernel = jax.tree_util.Partial(_forward_kernel, rule=rule, scale=scale, softcap=softcap,
                                    num_q_blocks=num_q_blocks)
     out, lse = pl.pallas_call(
@@ -146,29 +152,20 @@ def _dkv_kernel(ranges_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, 
         dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
-def backward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, kv_ranges, q_ranges, out, lse, d_out, *, rule, scale,
+def backward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, kv_ranges, q_ranges, lse, delta, d_out, *, rule, scale,
              softcap, block_q, block_k, interpret):
-    """Padded inputs and residuals -> (dq, dk, dv) in [B, T, N, H] / [B, S, K, H]."""
+    """Padded inputs, lse and delta = rowsum(out * d_out) [B, N, T] -> dq, dk, dv ([B, T, N, H] / [B, S, K, H])."""
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
     num_q_blocks, num_kv_blocks = q_len // block_q, kv_len // block_k
-    delta = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), d_out.astype(jnp.float32))[..., None]
+    delta = delta[..., None]  # [B, N, T, 1], like lse
     q, k, v, d_out = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, d_out))  # heads-major
     ids = _ids(q_pos, q_seg, kv_pos, kv_seg)
     statics = dict(rule=rule, scale=scale, softcap=softcap)
 
-    def kv_index(b, n, i, j, ranges):
-        return b, jax.lax.div(n, group), _range(ranges, b * num_q_blocks + i, j)[2], 0
-
-    def kv_ids_index(b, n, i, j, ranges):
-        return b, 0, _range(ranges, b * num_q_blocks + i, j)[2]
-
-    q_block = pl.BlockSpec((None, None, block_q, head_dim), lambda b, n, i, j, r: (b, n, i, 0))
+    q_block, kv_block, q_ids, kv_ids = _query_grid_specs(num_q_blocks, group, block_q, block_k, head_dim)
     row_stats = pl.BlockSpec((None, None, block_q, 1), lambda b, n, i, j, r: (b, n, i, 0))
-    kv_block = pl.BlockSpec((None, None, block_k, head_dim), kv_index)
-    q_ids = pl.BlockSpec((None, block_q, 1), lambda b, n, i, j, r: (b, i, 0))
-    kv_ids = pl.BlockSpec((None, 1, block_k), kv_ids_index)
     dq = pl.pallas_call(
         jax.tree_util.Partial(_dq_kernel, num_q_blocks=num_q_blocks, **statics),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -198,7 +195,7 @@ def backward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, kv_ranges, q_ranges, out, ls
                       pl.BlockSpec((None, 1, block_k), lambda b, h, j, g, i, r: (b, 0, j)),
                       pl.BlockSpec((None, 1, block_k), lambda b, h, j, g, i, r: (b, 0, j))],
             out_specs=[kv_tile, kv_tile],
-            scratch_shapes=[pltpu.VMEM((block_k, head_dim), jnp.float32), pltpu.VMEM((block_k, head_dim), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((block_k, head_dim), jnp.float32)] * 2),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
