@@ -96,7 +96,8 @@ def copy_params(params: dict) -> dict:
 
 def prepare_data(source: str, split: str, cfg: Config, tokenizer) -> PreparedData:
     """Tokenised pairs of a data source (cached on disk; progress shown by the first process)."""
-    return prepare_pairs(source, split, cfg.data, tokenizer, show_progress=jax.process_index() == 0)
+    return prepare_pairs(source, split, cfg.data, tokenizer, sft=cfg.dpo.loss == "sft",
+                         show_progress=jax.process_index() == 0)
 
 
 def batch_plan(cfg: Config, tokenizer, shuffle: Optional[bool] = None, batch_size: Optional[int] = None) -> BatchPlan:

@@ -316,6 +316,9 @@ def validate(cfg: Config) -> None:
     if cfg.dpo.loss == "exo_pair" and not cfg.dpo.label_smoothing:
         raise ConfigError("dpo.loss 'exo_pair' needs dpo.label_smoothing > 0 (its target distribution is "
                           "[1 - ε, ε]; TRL suggests 1e-3)")
+    if cfg.dpo.loss == "sft" and (cfg.reference.path or cfg.reference.precompute):
+        raise ConfigError("dpo.loss 'sft' trains without a reference model; unset reference.path and "
+                          "reference.precompute")
     for key in ("dpop_lambda", "sft_weight"):
         if getattr(cfg.dpo, key) < 0:
             raise ConfigError(f"config key 'dpo.{key}' must be >= 0, got {getattr(cfg.dpo, key)}")

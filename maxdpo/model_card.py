@@ -25,8 +25,11 @@ FRAMEWORKS = (("maxdpo", "maxdpo"), ("JAX", "jax"), ("Flax", "flax"), ("Optax", 
 
 
 def results_table(rows: list[dict]) -> str:
-    """One line per evaluation; Training Loss is the last training loss logged at or before that step."""
-    header = ["Training Loss", "Epoch", "Step"] + [title for title, _ in EVAL_COLUMNS]
+    """One line per evaluation; Training Loss is the last training loss logged at or before that step. Columns
+    a run does not log (an SFT run has no rewards) are left out."""
+    first_eval = next((row for row in rows if "eval_loss" in row), {})
+    columns = [(title, metric) for title, metric in EVAL_COLUMNS if metric in first_eval]
+    header = ["Training Loss", "Epoch", "Step"] + [title for title, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":" + "-" * (len(h) - 2) + ":" for h in header) + "|"]
     train_loss = None
     for row in rows:
@@ -34,7 +37,7 @@ def results_table(rows: list[dict]) -> str:
             train_loss = row["loss"]
         if "eval_loss" in row:
             cells = ["No log" if train_loss is None else f"{train_loss:.4f}", f"{row['epoch']:.2f}", str(row["step"])]
-            cells += [f"{row[metric]:.4f}" for _, metric in EVAL_COLUMNS]
+            cells += [f"{row[metric]:.4f}" for _, metric in columns]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

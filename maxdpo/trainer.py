@@ -142,7 +142,8 @@ class Trainer:
         optional = {"ref_logps": cfg.reference.precompute, "prefix_target": cfg.data.prefix_sharing}
         fields = {k: n for k, n in BATCH_FIELDS.items() if optional.get(k, True)}
         self.batch_shardings = {k: batch_sharding(self.mesh, self.rules, n) for k, n in fields.items()}
-        self.ref_shardings = None if cfg.reference.precompute else self.param_shardings
+        self.uses_reference = settings.uses_reference
+        self.ref_shardings = self.param_shardings if self.uses_reference and not cfg.reference.precompute else None
         self._train_step = make_train_step(self.graphdef, settings, self.optimizer, self.schedule, self.num_micro,
                                            self.split)
         self.eval_step = jax.jit(make_eval_step(self.graphdef, settings),
@@ -205,7 +206,8 @@ class Trainer:
             batch = self.eval_batches(step)
             sums = self.eval_step(params, ref_params, _global_batch(batch, self.batch_shardings))
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        return {f"eval_{k}": float(v) for k, v in finalize_metrics(jax.device_get(totals)).items()}
+        metrics = finalize_metrics(jax.device_get(totals), sft=not self.uses_reference)
+        return {f"eval_{k}": float(v) for k, v in metrics.items()}
 
     def _check_finite(self, step: int, metrics: dict) -> None:
         """Raises when step `step` produced a non-finite loss or gradient (its update is then never saved)."""
@@ -232,10 +234,10 @@ class Trainer:
             _write_config_atomically(cfg, self.run_dir)
 
         params = self.initial_params()
+        ref_params = None
         if cfg.reference.precompute:
             self.precompute_reference(params)
-            ref_params = None
-        else:
+        elif self.uses_reference:
             ref_params = self.reference_params(params)
         if self.split.freezes_anything:
             log.info("freeze: %s", self.split.summary(params))

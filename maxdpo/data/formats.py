@@ -10,6 +10,10 @@ Shapes, detected per dataset from its first row (or forced by `data.format`):
                   histories work either way.
 Columns: `data.columns` renames prompt/chosen/rejected; datasets shaped like
 argilla/distilabel-math-preference-dpo (instruction, chosen_response, rejected_response) map themselves.
+
+SFT data (`dpo.loss: sft`) needs no rejected column: prompt / completion rows (TRL's prompt-completion
+shape; `data.columns.chosen` names the completion, `completion` is tried next), `messages` conversations
+(the prompt is everything before the last assistant turn) or preference rows, whose chosen side is used.
 """
 from __future__ import annotations
 
@@ -31,10 +35,10 @@ class InvalidRow(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One preference pair: text (plain) or message lists (conversational)."""
+    """One preference pair: text (plain) or message lists (conversational); SFT examples have no rejected."""
     prompt: Union[str, Messages]
     chosen: Union[str, Messages]
-    rejected: Union[str, Messages]
+    rejected: Union[str, Messages, None]
 
     @property
     def conversational(self) -> bool:
@@ -46,16 +50,30 @@ class RowFormat:
     kind: str  # plain | conversational
     prompt: str | None  # column names; prompt None: implicit prompt
     chosen: str
-    rejected: str
+    rejected: str | None  # None: SFT rows (prompt and completion)
 
 
 def _is_messages(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
-def detect_format(features: dict, first_row: dict, columns, forced: str, source: str) -> RowFormat:
+def _sft_format(column_names: list[str], first_row: dict, columns, forced: str, source: str) -> RowFormat:
+    completion = next((n for n in (columns.chosen, "completion", "messages") if n in column_names), None)
+    if completion is None:
+        raise DataError(f"{source}: SFT data needs a completion column ('{columns.chosen}' (data.columns.chosen), "
+                        f"'completion' or 'messages'); found {column_names}")
+    kind = forced if forced != "auto" else "conversational" if _is_messages(first_row.get(completion)) else "plain"
+    prompt = columns.prompt if columns.prompt in column_names else None
+    if prompt is None and kind == "plain":
+        raise DataError(f"{source}: plain SFT rows need a prompt column '{columns.prompt}'; found {column_names}")
+    return RowFormat(kind, prompt, completion, None)
+
+
+def detect_format(features: dict, first_row: dict, columns, forced: str, source: str, sft: bool = False) -> RowFormat:
     """Picks the column names (configured, else a known set) and the kind of rows from the dataset's features."""
     column_names = list(features)
+    if sft:
+        return _sft_format(column_names, first_row, columns, forced, source)
     names = (columns.prompt, columns.chosen, columns.rejected)
     if names[1] not in column_names or names[2] not in column_names:
         known = next((k for k in KNOWN_COLUMN_SETS if set(k) <= set(column_names)), None)
@@ -149,8 +167,33 @@ def _conversational_example(row: dict, fmt: RowFormat) -> Example:
     return Example(prompt, chosen, rejected)
 
 
+def _sft_example(row: dict, fmt: RowFormat) -> Example:
+    if fmt.kind == "plain":
+        return Example(_check_text(row.get(fmt.prompt), f"'{fmt.prompt}'"),
+                       _check_text(row.get(fmt.chosen), f"'{fmt.chosen}'"), None)
+    completion = _check_messages(row.get(fmt.chosen), f"'{fmt.chosen}'")
+    prompt_value = row.get(fmt.prompt) if fmt.prompt is not None else None
+    if prompt_value is not None:  # a prompt column beside completion messages
+        prompt = (_check_messages(prompt_value, f"'{fmt.prompt}'") if isinstance(prompt_value, list)
+                  else [{"role": "user", "content": _check_text(prompt_value, f"'{fmt.prompt}'")}])
+        if completion[:len(prompt)] == prompt:
+            completion = completion[len(prompt):]
+    else:  # one whole conversation: the last assistant turn is the completion
+        last = max((i for i, m in enumerate(completion) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise InvalidRow(f"'{fmt.chosen}' has no assistant message to train on")
+        prompt, completion = completion[:last], completion[last:last + 1]
+    if not prompt or prompt[-1]["role"] == "assistant":
+        raise InvalidRow("the prompt must end with a user turn")
+    if not completion or completion[-1]["role"] != "assistant":
+        raise InvalidRow(f"'{fmt.chosen}' must end with an assistant message")
+    return Example(prompt, completion, None)
+
+
 def to_example(row: dict, fmt: RowFormat) -> Example:
     """The row as an Example; raises InvalidRow (missing, empty or ill-typed fields, chosen == rejected)."""
+    if fmt.rejected is None:
+        return _sft_example(row, fmt)
     example = _conversational_example(row, fmt) if fmt.kind == "conversational" else _plain_example(row, fmt)
     if example.chosen == example.rejected:
         raise InvalidRow("chosen and rejected are identical")
@@ -161,6 +204,6 @@ def as_conversation(example: Example) -> Example:
     """A plain example as one user turn and one assistant turn (for a chat template on plain data)."""
     if example.conversational:
         return example
+    rejected = None if example.rejected is None else [{"role": "assistant", "content": example.rejected}]
     return Example([{"role": "user", "content": example.prompt}],
-                   [{"role": "assistant", "content": example.chosen}],
-                   [{"role": "assistant", "content": example.rejected}])
+                   [{"role": "assistant", "content": example.chosen}], rejected)

@@ -46,14 +46,15 @@ class DataSettings:
     max_prompt_length: int
     truncation: str
     skip_invalid: bool
+    sft: bool  # prompt / completion examples (dpo.loss: sft): no rejected side
 
     @classmethod
-    def from_config(cls, data_cfg, tokenizer) -> "DataSettings":
+    def from_config(cls, data_cfg, tokenizer, sft: bool = False) -> "DataSettings":
         columns = data_cfg.columns
         return cls(data_cfg.format, (columns.prompt, columns.chosen, columns.rejected),
                    resolve_template(data_cfg.chat_template, tokenizer), data_cfg.chat_template,
                    data_cfg.system_prompt, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation,
-                   data_cfg.skip_invalid)
+                   data_cfg.skip_invalid, sft)
 
 
 @dataclasses.dataclass
@@ -75,14 +76,14 @@ class PairBuilder:
         self.renderer = (ChatRenderer(tokenizer, settings.chat_template, settings.system_prompt) if templated
                          else None)
 
-    def _texts(self, row: dict) -> tuple[str, str, str]:
+    def _texts(self, row: dict) -> tuple[str, str, Optional[str]]:
         example = to_example(row, self.row_format)
         if self.renderer is None:
             return example.prompt, example.chosen, example.rejected
         example = as_conversation(example)
         try:
             prompt, chosen = self.renderer(example.prompt, example.chosen)
-            _, rejected = self.renderer(example.prompt, example.rejected)
+            rejected = None if example.rejected is None else self.renderer(example.prompt, example.rejected)[1]
         except TemplateError as err:
             raise InvalidRow(str(err)) from err
         return prompt, chosen, rejected
@@ -164,14 +165,15 @@ def _reason_kind(reason: str) -> str:
     return re.sub(r"\d+", "N", reason)
 
 
-def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, show_progress: bool = True,
+def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, sft: bool = False, show_progress: bool = True,
                   chunk_rows: int = CHUNK_ROWS) -> PreparedData:
-    """The tokenised pairs of `source` (from the cache when the same inputs were seen before)."""
-    settings = DataSettings.from_config(data_cfg, tokenizer)
+    """The tokenised pairs of `source` (from the cache when the same inputs were seen before); with `sft`,
+    prompt/completion examples whose rejected side is a stub (see `PairTokenizer`)."""
+    settings = DataSettings.from_config(data_cfg, tokenizer, sft)
     rows = load_rows(source, split)
     if len(rows) == 0:
         raise DataError(f"{source} (split '{split}') has no rows")
-    row_format = detect_format(rows.features, rows[0], data_cfg.columns, settings.format, source)
+    row_format = detect_format(rows.features, rows[0], data_cfg.columns, settings.format, source, sft)
     if row_format.kind == "conversational" and settings.chat_template is None:
         raise DataError(f"{source} holds conversations but data.chat_template is 'auto' and the tokenizer has no chat "
                         "template; set data.chat_template to llama3, mistral, gemma, vicuna, chatml or a Jinja template")

@@ -5,10 +5,14 @@ when the tokenizer merged across the boundary); BOS is put in front once, EOS en
 Too-long pairs are cut as TRL cuts them: first the prompt to `max_prompt_length` (keeping its start or
 end, BOS kept), then the completions to what `max_length` leaves. A prompt longer than `max_length`
 itself is not a pair that truncation can save: it is an invalid row.
+
+An SFT example (no rejected text) gets a one-token rejected stub, the chosen side's first token with no
+completion tokens: it costs one position in a packed row and adds nothing to the SFT loss.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
@@ -89,20 +93,23 @@ class PairTokenizer:
             chosen_prompt_len=len(chosen_prompt), rejected_prompt_len=len(rejected_prompt))
         return pair, Truncation(cut_prompt, cut_completion)
 
-    def encode_many(self, texts: list[tuple[str, str, str]]) -> list:
-        """For each (prompt, chosen, rejected): (TokenizedPair, Truncation), or the InvalidRow it raised."""
+    def encode_many(self, texts: list[tuple[str, str, Optional[str]]]) -> list:
+        """For each (prompt, chosen, rejected or None): (TokenizedPair, Truncation), or the InvalidRow it raised."""
         prompts = _encode(self.tokenizer, [p for p, _, _ in texts])
-        fulls = _encode(self.tokenizer, [p + c for p, c, _ in texts] + [p + r for p, _, r in texts])
+        fulls = _encode(self.tokenizer, [p + c for p, c, _ in texts] + [p + (r or "") for p, _, r in texts])
         results = []
         for index, prompt_ids in enumerate(prompts):
             sides = [_split(fulls[index], prompt_ids), _split(fulls[len(texts) + index], prompt_ids)]
             try:
-                results.append(self._assemble(sides))
+                pair, truncation = self._assemble(sides)
+                if texts[index][2] is None:  # SFT
+                    pair = dataclasses.replace(pair, rejected=pair.chosen[:1], rejected_prompt_len=1)
+                results.append((pair, truncation))
             except InvalidRow as err:
                 results.append(err)
         return results
 
-    def __call__(self, prompt: str, chosen: str, rejected: str) -> tuple[TokenizedPair, Truncation]:
+    def __call__(self, prompt: str, chosen: str, rejected: Optional[str]) -> tuple[TokenizedPair, Truncation]:
         result = self.encode_many([(prompt, chosen, rejected)])[0]
         if isinstance(result, InvalidRow):
             raise result

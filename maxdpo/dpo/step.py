@@ -25,6 +25,7 @@ from maxdpo.kernels.attention_blocks import PREFIX_GROUP
 # Sums over pairs; divided by the number of pairs.
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected")
+SFT_METRICS = ("loss", "logps/chosen", "logits/chosen", "aux_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,11 @@ class LossSettings:
     hyper: LossHyper
     sft_weight: float = 0.0  # adds sft_weight x the NLL of the chosen completions (TRL: loss_type=[loss, "sft"])
     router_aux_coef: float = 0.0  # MoE models: adds coef * router load-balancing loss to each pair's loss
+
+    @property
+    def uses_reference(self) -> bool:
+        """SFT reads only the policy: no reference weights, forward pass or precomputed logps."""
+        return self.loss != "sft"
 
 
 def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -65,8 +71,12 @@ def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Ar
     return stats
 
 
-def reference_stats(graphdef: nnx.GraphDef, ref_params: Optional[dict], batch: dict) -> dict:
-    """The reference's per-pair logps [B*K, 2]: precomputed ones carried by the batch, or a forward pass."""
+def reference_stats(graphdef: nnx.GraphDef, ref_params: Optional[dict], batch: dict,
+                    settings: LossSettings) -> dict:
+    """The reference's per-pair logps [B*K, 2]: precomputed ones carried by the batch, or a forward pass
+    (zeros for SFT, which has no reference)."""
+    if not settings.uses_reference:
+        return {"logps": jnp.zeros(batch["pair_mask"].shape + (2,), jnp.float32).reshape(-1, 2)}
     if "ref_logps" in batch:
         return {"logps": batch["ref_logps"].reshape(-1, 2)}  # [B, K, 2] -> [B*K, 2]
     return jax.lax.stop_gradient(sequence_stats(graphdef, ref_params, batch))
@@ -112,11 +122,14 @@ def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair
     return sums["loss"], sums
 
 
-def finalize_metrics(sums: dict) -> dict:
-    """Means over pairs; `logits/*` are means over all completion tokens of the batch, as TRL pools them."""
+def finalize_metrics(sums: dict, sft: bool = False) -> dict:
+    """Means over pairs; `logits/*` are means over all completion tokens of the batch, as TRL pools them.
+    SFT keeps what it defines: loss (mean NLL per completion token), logps/chosen and logits/chosen."""
     metrics = {name: sums[name] / sums["pairs"] for name in PAIR_METRICS + ("aux_loss",) if name in sums}
     for side in ("chosen", "rejected"):
         metrics[f"logits/{side}"] = sums[f"logit_sums/{side}"] / jnp.maximum(sums[f"tokens/{side}"], 1.0)
+    if sft:
+        metrics = {name: value for name, value in metrics.items() if name in SFT_METRICS}
     return metrics
 
 
@@ -134,7 +147,7 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
     """
 
     def micro_step(trainable, frozen, ref_params, micro, scale):
-        reference = reference_stats(graphdef, ref_params, micro)
+        reference = reference_stats(graphdef, ref_params, micro, settings)
 
         def loss_fn(p):
             policy = sequence_stats(graphdef, split.merge(p, frozen), micro)
@@ -160,7 +173,7 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
         grads = split.zero_frozen_slices(jax.tree.map(lambda g: g / sums["pairs"], grad_sums))
         updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
         trainable = optax.apply_updates(trainable, split.zero_frozen_slices(updates))
-        metrics = finalize_metrics(sums)
+        metrics = finalize_metrics(sums, sft=not settings.uses_reference)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state["step"])
         new_state = {"step": state["step"] + 1, "params": split.merge(trainable, frozen), "opt_state": opt_state}
@@ -173,7 +186,7 @@ def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings) -> Callable:
     """eval_step(params, ref_params, batch) -> metric sums (summed over pairs, for averaging over batches)."""
 
     def eval_step(params: dict, ref_params: Optional[dict], batch: dict) -> dict:
-        reference = reference_stats(graphdef, ref_params, batch)
+        reference = reference_stats(graphdef, ref_params, batch, settings)
         policy = sequence_stats(graphdef, params, batch)
         return pair_metric_sums(policy, reference, settings, batch["pair_mask"], sft_scale(batch))[1]
 
