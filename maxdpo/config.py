@@ -157,6 +157,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    stages: list = dataclasses.field(default_factory=list)  # multi-stage runs: see maxdpo/stages.py
 
 
 CHOICES = {
@@ -223,7 +224,8 @@ def _merge_dicts(base: dict, updates: dict) -> dict:
     return merged
 
 
-def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
+def apply_mapping(obj: Any, updates: dict, prefix: str = "") -> None:
+    """Sets `updates` (a nested mapping) on a config section; errors name keys as `prefix` + key."""
     fields = typing.get_type_hints(type(obj))
     for name, value in updates.items():
         key = f"{prefix}{name}"
@@ -234,7 +236,7 @@ def _apply(obj: Any, updates: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{key}' is a section; give it a mapping, got {value!r}")
-            _apply(current, value, prefix=f"{key}.")
+            apply_mapping(current, value, prefix=f"{key}.")
         elif isinstance(current, dict) and value is None:
             setattr(obj, name, {})  # `key=null` clears a mapping
         elif isinstance(current, dict) and isinstance(value, dict):
@@ -349,10 +351,10 @@ def validate(cfg: Config) -> None:
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """base.yaml <- the config file (bundled default when None) <- dotted overrides; then validated."""
     cfg = Config()
-    _apply(cfg, _read_yaml(bundled_config_path("base.yaml")))
-    _apply(cfg, _read_yaml(resolve_config_path(path or DEFAULT_CONFIG)))
+    apply_mapping(cfg, _read_yaml(bundled_config_path("base.yaml")))
+    apply_mapping(cfg, _read_yaml(resolve_config_path(path or DEFAULT_CONFIG)))
     for text in overrides:
-        _apply(cfg, parse_override(text))
+        apply_mapping(cfg, parse_override(text))
     validate(cfg)
     return cfg
 
@@ -363,7 +365,7 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(content: dict) -> Config:
     cfg = Config()
-    _apply(cfg, content)
+    apply_mapping(cfg, content)
     validate(cfg)
     return cfg
 

@@ -5,12 +5,14 @@ import argparse
 import logging
 import sys
 
+import jax
 from absl import logging as absl_logging
 
 from maxdpo.config import ConfigError, DEFAULT_CONFIG, load_config
 from maxdpo.data.sources import DataError
 from maxdpo.checkpoint.safetensors_io import CheckpointError
 from maxdpo.distributed import maybe_initialize_distributed
+from maxdpo.stages import run_stages
 from maxdpo.trainer import NonFiniteLossError, Trainer
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, FileNotFoundError, FileExistsError)
@@ -35,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config, overrides)
         maybe_initialize_distributed()
-        summary = Trainer(cfg).train()
+        if cfg.stages:
+            summary = run_stages(cfg, lambda stage: Trainer(stage).train(), is_main=jax.process_index() == 0)
+        else:
+            summary = Trainer(cfg).train()
     except USER_ERRORS as err:
         print(f"maxdpo: error: {err}", file=sys.stderr)
         return 2
