@@ -21,6 +21,8 @@ from maxdpo.config import Config, ConfigError
 from maxdpo.data.loader import BatchPlan
 from maxdpo.data.pipeline import PreparedData, prepare_pairs
 from maxdpo.data.sources import resolve_path
+from maxdpo.dpo.losses import LossHyper
+from maxdpo.dpo.step import LossSettings
 from maxdpo.models.registry import get_family
 from maxdpo.models.spec import ModelSpec
 from maxdpo.models.transformer import Transformer, abstract_model
@@ -58,6 +60,12 @@ def build_spec(cfg: Config) -> ModelSpec:
         return spec.replace(**overrides)
     except ValueError as err:
         raise ConfigError(f"model.overrides: {err}") from err
+
+
+def loss_settings(cfg: Config) -> LossSettings:
+    dpo = cfg.dpo
+    return LossSettings(dpo.loss, LossHyper(dpo.beta, dpo.label_smoothing, dpo.dpop_lambda), dpo.sft_weight,
+                        dpo.router_aux_coef)
 
 
 def load_tokenizer(cfg: Config):

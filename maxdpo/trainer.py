@@ -22,10 +22,8 @@ from maxdpo.data.loader import (BATCH_FIELDS, BatchBuilder, batch_iterator, batc
                                 training_schedule)
 from maxdpo.dpo import precompute
 from maxdpo.dpo.freeze import trainable_split
-from maxdpo.dpo.losses import LossHyper
-from maxdpo.dpo.optim import make_optimizer
-from maxdpo.dpo.step import (LossSettings, finalize_metrics, make_eval_step, make_reference_logps,
-                             make_train_step)
+from maxdpo.dpo.optim import make_optimizer, optimizer_state_shardings
+from maxdpo.dpo.step import finalize_metrics, make_eval_step, make_reference_logps, make_train_step
 from maxdpo.models.registry import get_family
 from maxdpo.metrics_log import MetricsLog
 from maxdpo.model_card import write_model_card
@@ -136,8 +134,7 @@ class Trainer:
         if cfg.dpo.router_aux_coef and not self.spec.num_experts:
             raise ConfigError(f"dpo.router_aux_coef applies to MoE models; this {self.spec.family} model has no experts")
         self.split = trainable_split(self.spec, get_family(self.spec.family), cfg.freeze)
-        settings = LossSettings(cfg.dpo.loss, LossHyper(cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.dpop_lambda),
-                                cfg.dpo.sft_weight, cfg.dpo.router_aux_coef)
+        settings = components.loss_settings(cfg)
         self.optimizer, self.schedule = make_optimizer(cfg.optimizer, self.total_steps)
         optional = {"ref_logps": cfg.reference.precompute, "prefix_target": cfg.data.prefix_sharing}
         fields = {k: n for k, n in BATCH_FIELDS.items() if optional.get(k, True)}
@@ -241,7 +238,9 @@ class Trainer:
             ref_params = self.reference_params(params)
         if self.split.freezes_anything:
             log.info("freeze: %s", self.split.summary(params))
-        opt_state = jax.jit(self.optimizer.init)(self.split.trainable(params))
+        opt_shardings = optimizer_state_shardings(self.optimizer, self.split.trainable(params),
+                                                  self.split.trainable(self.param_shardings), replicated(self.mesh))
+        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(self.split.trainable(params))
         state = {"step": jnp.asarray(0, jnp.int32), "params": params, "opt_state": opt_state}
         state, state_shardings = self._normalise_shardings(state)
         start, batches = 0, batch_iterator(self.train_batches, self.data_fingerprint)

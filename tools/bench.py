@@ -30,9 +30,8 @@ from maxdpo.data.loader import BATCH_FIELDS, collate
 from maxdpo.data.prefix_sharing import collate_shared
 from maxdpo.data.tokenize import TokenizedPair
 from maxdpo.dpo.freeze import trainable_split
-from maxdpo.dpo.losses import LossHyper
-from maxdpo.dpo.optim import make_optimizer
-from maxdpo.dpo.step import LossSettings, make_train_step
+from maxdpo.dpo.optim import make_optimizer, optimizer_state_shardings
+from maxdpo.dpo.step import make_train_step
 from maxdpo.flops import dpo_step_flops
 from maxdpo.models.registry import get_family
 from maxdpo.sharding import batch_sharding, data_parallel_size, make_mesh, replicated
@@ -110,15 +109,16 @@ def main(argv=None) -> int:
     micro = cfg.trainer.micro_batch_size or rows
     optimizer, schedule = make_optimizer(cfg.optimizer, args.warmup + args.steps)
     split = trainable_split(spec, get_family(spec.family), cfg.freeze)
-    settings = LossSettings(cfg.dpo.loss, LossHyper(cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.dpop_lambda),
-                            cfg.dpo.sft_weight, cfg.dpo.router_aux_coef)
+    settings = components.loss_settings(cfg)
     step = make_train_step(graphdef, settings, optimizer, schedule, rows // micro, split)
 
     with jax.set_mesh(mesh):
         params = components.init_params(spec, param_shardings, cfg.run.seed)
         ref_params = None if precompute else components.copy_params(params)
         state = {"step": jnp.asarray(0, jnp.int32), "params": params,
-                 "opt_state": jax.jit(optimizer.init)(split.trainable(params))}
+                 "opt_state": jax.jit(optimizer.init, out_shardings=optimizer_state_shardings(
+                     optimizer, split.trainable(params), split.trainable(param_shardings), replicated(mesh)))(
+                         split.trainable(params))}
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
         host_batch = synthetic_batch(rows, seq, prompt, spec.vocab_size, cfg.data.prefix_sharing, precompute)
         batch_shardings = {k: batch_sharding(mesh, rules, BATCH_FIELDS[k]) for k in host_batch}

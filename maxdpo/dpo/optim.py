@@ -42,3 +42,12 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
     )
     return tx, schedule
+
+
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, trainable: dict, shardings: dict,
+                              scalar_sharding) -> dict:
+    """Shardings of `optimizer.init(trainable)`: every moment like the parameter it follows, counters
+    `scalar_sharding`. Left to XLA, the zero-filled moments depend on no input and come out replicated."""
+    abstract = jax.eval_shape(optimizer.init, trainable)
+    return optax.tree_utils.tree_map_params(optimizer, lambda _, sharding: sharding, abstract, shardings,
+                                            transform_non_params=lambda _: scalar_sharding)
