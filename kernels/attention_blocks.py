@@ -54,9 +54,13 @@ def prompt_segment(segment_ids):
 
 
 def _block_extent(ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-    """(min, max) over each block of `block` columns: [B, L] -> two [B, L // block]."""
-    tiles = ids.reshape(ids.shape[0], -1, block)
-    return tiles.min(axis=-1), tiles.max(axis=-1)
+    """(min, max) over each block of `block` columns: [B, L] -> two [B, L // block]. A strided window
+    reduction rather than a reshape to [B, L // block, block], which XLA:TPU failed to lay out for some
+    batch shapes ("Reshape should have supported layout", Llama-3-8B at 4 rows per v5p chip)."""
+    window = (1, block)
+    lowest = jax.lax.reduce_window(ids, jnp.iinfo(ids.dtype).max, jax.lax.min, window, window, "VALID")
+    highest = jax.lax.reduce_window(ids, jnp.iinfo(ids.dtype).min, jax.lax.max, window, window, "VALID")
+    return lowest, highest
 
 
 def block_visibility(rule: MaskRule, q_pos, q_seg, kv_pos, kv_seg, block_q: int, block_k: int) -> jax.Array:

@@ -4,8 +4,9 @@ The step of CONFIG (model, mesh, loss, reference, remat, micro-batching) is lowe
 devices of NAME with abstract inputs only (no weights, no data): TPU slices through libtpu's topology
 descriptions (`v5p:4x4x2`, `v5e:4x4`, `v4:2x2x2`, or a size alias such as `v5p-64`, counted in
 TensorCores as Google names them), GPUs by a same-sized mesh of host CPU devices standing in for them
-(`h100:8`; the memory per device is then XLA's CPU plan, a close proxy for the GPU's). The batch is the
-global `trainer.batch_size` pairs at `data.max_length` (the unpacked, worst-case shape).
+(`h100:8`; the memory per device is then XLA's CPU plan of the XLA attention and expert paths, an upper
+bound for the Pallas kernels'). The batch is the global `trainer.batch_size` pairs at `data.max_length`
+(the unpacked, worst-case shape).
 
 Prints per-device memory (arguments, outputs, temporaries, total), model FLOPs per step (`maxdpo.flops`)
 and whether the total fits the chip's memory; `--json` writes the same. Exit status 1 when it does not fit.
@@ -100,7 +101,8 @@ def abstract_batch(cfg: Config, shardings: dict, rows: int) -> dict:
         shapes["prefix_target"] = ((rows, 1, length), jnp.int32)
     if cfg.reference.precompute:
         shapes["ref_logps"] = ((rows, 1, 2), jnp.float32)
-    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[name]) for name, (shape, dtype) in shapes.items()}
+    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[name])
+            for name, (shape, dtype) in shapes.items()}
 
 
 def architecture_only(cfg: Config) -> Config:
@@ -111,6 +113,19 @@ def architecture_only(cfg: Config) -> Config:
               f"with model.overrides {cfg.model.overrides or {}}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=None))
     return cfg
+
+
+def xla_kernels(cfg: Config) -> Config:
+    """For the host-CPU stand-in of a GPU mesh: Pallas kernels would compile in interpret mode, whose
+    buffers say nothing about the GPU's, so attention and experts take their XLA paths (attention then
+    holds [T, T] scores: an upper bound on the flash kernel's memory)."""
+    model = cfg.model
+    if model.attention == "pallas" or model.moe_impl == "pallas":
+        print("maxdpo.compile: host devices stand in for GPUs: model.attention=xla, model.moe_impl=ragged "
+              "(XLA paths; memory is an upper bound for the Pallas kernels)")
+        model = dataclasses.replace(model, attention="xla",
+                                    moe_impl="ragged" if model.moe_impl == "pallas" else model.moe_impl)
+    return dataclasses.replace(cfg, model=model)
 
 
 def compile_train_step(cfg: Config, devices) -> tuple:
@@ -188,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         configs = [architecture_only(dataclasses.replace(
             stage, model=dataclasses.replace(stage.model, path=first.path, overrides=first.overrides)))
             for stage in configs]
+        if topology.tpu_name is None:
+            configs = [xla_kernels(stage) for stage in configs]
         devices = _devices(topology)
         results = [report(stage, topology, devices) for stage in configs]
     except ConfigError as err:
