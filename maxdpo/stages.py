@@ -33,6 +33,11 @@ def _stage_name(index: int, stage: dict) -> str:
     return name
 
 
+def _sets(overrides: dict, section: str, key: str) -> bool:
+    value = overrides.get(section)
+    return isinstance(value, dict) and key in value
+
+
 def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
     """(folder, config) of every stage, in order; each validated like a top-level config."""
     if not isinstance(cfg.stages, list) or not all(isinstance(s, dict) for s in cfg.stages):
@@ -44,7 +49,7 @@ def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
         overrides = {key: value for key, value in stage.items() if key != "name"}
         if "stages" in overrides:
             raise ConfigError(f"stages[{index}] cannot hold stages of its own")
-        if previous is not None and "path" in overrides.get("model", {}):
+        if previous is not None and _sets(overrides, "model", "path"):
             raise ConfigError(f"stages[{index}].model.path: a later stage starts from the previous stage's result")
         stage_cfg = from_dict(base)
         apply_mapping(stage_cfg, overrides, prefix=f"stages[{index}].")
@@ -53,7 +58,7 @@ def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
         if previous is not None:
             stage_cfg.model.path = str(previous / "hf")
             stage_cfg.model.overrides = {}
-            if "path" not in overrides.get("reference", {}):
+            if not _sets(overrides, "reference", "path"):
                 stage_cfg.reference.path = None  # the reference is the initial policy: the previous result
         if index < len(cfg.stages) - 1:
             stage_cfg.export.hf = True  # the next stage starts from this export
