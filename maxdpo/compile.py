@@ -36,7 +36,7 @@ from maxdpo.dpo.optim import make_optimizer, optimizer_state_shardings
 from maxdpo.dpo.step import make_train_step
 from maxdpo.flops import dpo_step_flops
 from maxdpo.models.registry import get_family
-from maxdpo.sharding import batch_sharding, data_parallel_size, make_mesh, replicated
+from maxdpo.sharding import batch_sharding, make_mesh, micro_batch_parallel_size, replicated
 from maxdpo.stages import stage_configs
 
 CHIP_MEMORY_GB = {"v5p": 95, "v5e": 16, "v4": 32, "v6e": 32, "h100": 80, "h200": 141, "a100": 80}
@@ -139,9 +139,7 @@ def compile_train_step(cfg: Config, devices) -> tuple:
     optimizer, schedule = make_optimizer(cfg.optimizer, total_steps=1000)
     rows = cfg.trainer.batch_size
     micro = cfg.trainer.micro_batch_size or rows
-    if micro % data_parallel_size(mesh, rules):  # as the trainer refuses it: the batch would be replicated
-        raise ConfigError(f"micro batch of {micro} rows is not divisible by the data-parallel size "
-                          f"{data_parallel_size(mesh, rules)} of mesh {dict(mesh.shape)}")
+    micro_batch_parallel_size(mesh, rules, micro)
     step = make_train_step(graphdef, settings, optimizer, schedule, rows // micro, split)
     trainable = split.trainable(params)
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

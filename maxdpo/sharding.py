@@ -82,5 +82,14 @@ def data_parallel_size(mesh: Mesh, rules: dict) -> int:
     return math.prod(mesh.shape[axis] for axis in rules.get("batch") or ())
 
 
+def micro_batch_parallel_size(mesh: Mesh, rules: dict, micro: int) -> int:
+    """The data-parallel size, which must divide the micro batch (else its rows would be replicated)."""
+    size = data_parallel_size(mesh, rules)
+    if micro % size:
+        raise ConfigError(f"micro batch of {micro} rows (trainer.micro_batch_size or trainer.batch_size) is not "
+                          f"divisible by the data-parallel size {size} of mesh {dict(mesh.shape)}")
+    return size
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())

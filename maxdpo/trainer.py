@@ -27,7 +27,7 @@ from maxdpo.dpo.step import finalize_metrics, make_eval_step, make_reference_log
 from maxdpo.models.registry import get_family
 from maxdpo.metrics_log import MetricsLog
 from maxdpo.model_card import write_model_card
-from maxdpo.sharding import batch_sharding, data_parallel_size, make_mesh, replicated
+from maxdpo.sharding import batch_sharding, make_mesh, micro_batch_parallel_size, replicated
 
 log = logging.getLogger("maxdpo")
 
@@ -93,10 +93,7 @@ class Trainer:
         trainer = cfg.trainer
         micro = trainer.micro_batch_size or trainer.batch_size
         self.num_micro = trainer.batch_size // micro
-        self.data_parallel = dp = data_parallel_size(self.mesh, self.rules)
-        if micro % dp:
-            raise ConfigError(f"micro batch of {micro} rows (trainer.micro_batch_size or trainer.batch_size) is not "
-                              f"divisible by the data-parallel size {dp} of mesh {dict(self.mesh.shape)}")
+        self.data_parallel = micro_batch_parallel_size(self.mesh, self.rules, micro)
         if not cfg.data.train:
             raise ConfigError("data.train is not set")
         newest = latest_meta(self.run_dir / "checkpoints")

@@ -39,8 +39,8 @@ import ml_dtypes
 import numpy as np
 import yaml
 
-from maxdpo.checkpoint.hf import DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, read_hf_config
-from maxdpo.checkpoint.safetensors_io import DTYPES, CheckpointError, SafetensorsFile, write_safetensors
+from maxdpo.checkpoint.hf import DEFAULT_SHARD_BYTES, INDEX_FILE, read_hf_config, tensor_locations, write_shards
+from maxdpo.checkpoint.safetensors_io import DTYPES, CheckpointError, SafetensorsFile
 
 DOT_THRESHOLD = 0.9995  # mergekit's: above it the vectors count as colinear
 EPS = 1e-8  # norms at or below it count as zero
@@ -146,22 +146,13 @@ def t_for(name: str, setting: Setting, num_layers: int | None) -> float:
 
 
 def tensor_files(folder: Path) -> dict[str, SafetensorsFile]:
-    """Each tensor of an HF folder (one model.safetensors, or an index and its shards) and the file holding it."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as err:
-            raise CheckpointError(f"unreadable index {index}: {err}") from err
-        shards = {file: SafetensorsFile(folder / file) for file in set(weight_map.values())}
-        for name, file in weight_map.items():
-            if name not in shards[file].entries:
-                raise CheckpointError(f"tensor '{name}' named in {index} is not in {shards[file].path}")
-        return {name: shards[file] for name, file in weight_map.items()}
-    if (folder / SINGLE_FILE).is_file():
-        single = SafetensorsFile(folder / SINGLE_FILE)
-        return {name: single for name in single.keys()}
-    raise CheckpointError(f"model folder {folder} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+    """Each tensor of an HF folder and the (lazily read) file holding it; every indexed name must be there."""
+    locations = tensor_locations(folder)
+    files = {path: SafetensorsFile(path) for path in set(locations.values())}
+    for name, path in locations.items():
+        if name not in files[path].entries:
+            raise CheckpointError(f"tensor '{name}' named in {folder / INDEX_FILE} is not in {path}")
+    return {name: files[path] for name, path in locations.items()}
 
 
 def merge_tensor(name: str, t: float, x0: np.ndarray, x1: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -192,29 +183,12 @@ def merge(a: str | Path, b: str | Path, out: str | Path, setting: Setting, dtype
         raise MergeError(f"{len(extra)} tensor(s) of {b}, e.g. '{extra[0]}', are missing from {a}")
     ts = {name: t_for(name, setting, config.get("num_hidden_layers")) for name in files_a}
     sizes = [math.prod(files_a[name].shape(name)) * dtypes[name].itemsize for name in files_a]
-    shard_of, shard, used = [], 0, 0
-    for size in sizes:
-        if used and used + size > max_shard_bytes:
-            shard, used = shard + 1, 0
-        shard_of.append(shard)
-        used += size
-    names = [SINGLE_FILE] if shard == 0 else [f"model-{i + 1:05d}-of-{shard + 1:05d}.safetensors"
-                                              for i in range(shard + 1)]
     out.mkdir(parents=True, exist_ok=True)
     if old := sorted(out.glob("*.safetensors")) + sorted(out.glob(INDEX_FILE)):
         raise MergeError(f"{out} already holds weights ({old[0].name}); give an empty or new folder")
-    pending, current, weight_map = [], 0, {}
-    for name, shard_index in zip(files_a, shard_of):
-        if shard_index != current:
-            write_safetensors(out / names[current], pending, {"format": "pt"})
-            pending, current = [], shard_index
-        pending.append((name, merge_tensor(name, ts[name], files_a[name].get(name), files_b[name].get(name),
-                                           dtypes[name])))
-        weight_map[name] = names[shard_index]
-    write_safetensors(out / names[current], pending, {"format": "pt"})
-    if len(names) > 1:
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map},
-                                                 indent=2))
+    merged = ((name, merge_tensor(name, ts[name], files_a[name].get(name), files_b[name].get(name), dtypes[name]))
+              for name in files_a)  # one tensor at a time
+    write_shards(out, merged, sizes, max_shard_bytes)
     if dtype:
         config["dtype"] = dtype
         if "torch_dtype" in config:

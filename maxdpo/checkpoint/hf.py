@@ -9,7 +9,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +80,21 @@ def _ours_to_hf(entry: ParamEntry, array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array.reshape(fan_in, -1).T)
 
 
+def tensor_locations(folder: Path) -> dict[str, Path]:
+    """The file holding each tensor of an HF folder: one model.safetensors, or an index and its shards."""
+    index_file = folder / INDEX_FILE
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"unreadable index {index_file}: {err}") from err
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return {name: single for name in SafetensorsFile(single).keys()}
+    raise CheckpointError(f"model folder {folder} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
 class CheckpointReader:
     """The tensors of one HF folder (single file or index + shards), memory-mapped, converted to our layout.
 
@@ -88,23 +103,12 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike, spec: ModelSpec, family: Family):
         self.path, self.spec, self.family = Path(path), spec, family
-        self.locations = self._tensor_locations()
+        self.locations = tensor_locations(self.path)
         self.opened: dict[Path, SafetensorsFile] = {}
         self.shapes = abstract_model(spec)[1]
         for entry in family.param_entries(spec):
             for _, name in entry.tensors(spec):
                 self._check(entry, name)
-
-    def _tensor_locations(self) -> dict[str, Path]:
-        index_file = self.path / INDEX_FILE
-        if index_file.is_file():
-            with open(index_file) as f:
-                weight_map = json.load(f)["weight_map"]
-            return {name: self.path / file for name, file in weight_map.items()}
-        single = self.path / SINGLE_FILE
-        if single.is_file():
-            return {name: single for name in SafetensorsFile(single).keys()}
-        raise CheckpointError(f"model folder {self.path} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
     def _file(self, name: str) -> SafetensorsFile:
         if name not in self.locations:
@@ -208,6 +212,33 @@ def _hf_tensors(spec: ModelSpec, family: Family, params: dict, dtype):
             yield name, _ours_to_hf(entry, np.asarray(array[index]).astype(dtype))
 
 
+def write_shards(out: Path, tensors: Iterable[tuple[str, np.ndarray]], sizes: list[int],
+                 max_shard_bytes: int) -> None:
+    """Writes (name, array) pairs, produced one at a time, into safetensors shards of at most
+    `max_shard_bytes` planned from their byte `sizes` (in the same order), with an index when more than one.
+    Only one shard's tensors are held at a time."""
+    shard_of, shard, used = [], 0, 0
+    for size in sizes:
+        if used and used + size > max_shard_bytes:
+            shard, used = shard + 1, 0
+        shard_of.append(shard)
+        used += size
+    num_shards = shard + 1
+    names = [SINGLE_FILE] if num_shards == 1 else [
+        f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+    weight_map, pending, current = {}, [], 0
+    for (name, tensor), shard_index in zip(tensors, shard_of):
+        if shard_index != current:
+            write_safetensors(out / names[current], pending, {"format": "pt"})
+            pending, current = [], shard_index
+        pending.append((name, tensor))
+        weight_map[name] = names[shard_index]
+    write_safetensors(out / names[current], pending, {"format": "pt"})
+    if num_shards > 1:
+        with open(out / INDEX_FILE, "w") as f:
+            json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+
+
 def save_params(spec: ModelSpec, params: dict, out_dir: str | os.PathLike, dtype: Optional[str] = None,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Writes config.json and safetensors shards (with an index when more than one) to `out_dir`."""
@@ -221,26 +252,7 @@ def save_params(spec: ModelSpec, params: dict, out_dir: str | os.PathLike, dtype
         shape = _get_path(shapes, entry.path).shape
         tensors = entry.tensors(spec)
         sizes += [math.prod(shape) // len(tensors) * np_dtype.itemsize] * len(tensors)
-    shard_of, shard, used = [], 0, 0
-    for size in sizes:
-        if used and used + size > max_shard_bytes:
-            shard, used = shard + 1, 0
-        shard_of.append(shard)
-        used += size
-    num_shards = shard + 1
-    names = [SINGLE_FILE] if num_shards == 1 else [
-        f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
-    weight_map, pending, current = {}, [], 0
-    for (name, tensor), shard_index in zip(_hf_tensors(spec, family, params, np_dtype), shard_of):
-        if shard_index != current:
-            write_safetensors(out / names[current], pending, {"format": "pt"})
-            pending, current = [], shard_index
-        pending.append((name, tensor))
-        weight_map[name] = names[shard_index]
-    write_safetensors(out / names[current], pending, {"format": "pt"})
-    if num_shards > 1:
-        with open(out / INDEX_FILE, "w") as f:
-            json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+    write_shards(out, _hf_tensors(spec, family, params, np_dtype), sizes, max_shard_bytes)
     with open(out / "config.json", "w") as f:
         json.dump(hf_config_dict(spec, family, np_dtype), f, indent=2)
     return out
