@@ -7,6 +7,7 @@ log-sum-exp. On CPU the GPU kernels run in Pallas interpret mode (tests).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import NamedTuple, Optional
 
@@ -18,7 +19,7 @@ from maxdpo.kernels import flash_attention_gpu, flash_attention_tpu
 from maxdpo.kernels.attention_blocks import (KEY_PAD_SEGMENT, QUERY_PAD_SEGMENT, BlockSizes, MaskRule,
                                              block_visibility, next_power_of_2, pad_axis, pad_ids, round_up,
                                              visible_ranges)
-from maxdpo.kernels.partitioning import ambient_mesh, batch_axes, per_shard, tensor_axis
+from maxdpo.kernels.partitioning import ambient_mesh, kernel_axes, per_shard
 from maxdpo.kernels.platform import default_backend
 
 BACKENDS = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
@@ -96,8 +97,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: ja
     shared_prefix: segment ids follow `attention_blocks.PREFIX_GROUP` (prompt | chosen | rejected rows).
 
     A query that sees no key at all returns zeros (the reference averages every value there instead);
-    the model never produces one, since each token sees itself. Under a mesh it runs per shard
-    (batch over the data-parallel axes, heads over `tensor`).
+    the model never produces one, since each token sees itself. Under a mesh it runs per shard, split
+    as the logical rules map `batch` and `heads` / `kv_heads` (`partitioning.logical_rules`).
     """
     rule = MaskRule(causal, sliding_window, shared_prefix)
     local = functools.partial(_local_flash_attention, scale=scale, rule=rule, logit_softcap=logit_softcap,
@@ -105,10 +106,21 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: ja
     mesh = ambient_mesh()
     if mesh is None:
         return local(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
-    rows, heads = batch_axes(mesh, q.shape[0]) or None, tensor_axis(mesh, q.shape[2], k.shape[2])
+    rows, heads = _shard_axes(mesh, q.shape, k.shape)
     tiles, ids = P(rows, None, heads, None), P(rows, None)
     return per_shard(local, mesh, (tiles, tiles, tiles, ids, ids, ids, ids), tiles)(
         q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+
+
+def _shard_axes(mesh, q_shape, kv_shape) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(batch axes, head axes) for q [B, T, N, H] and k/v [B, S, K, H].
+
+    q and k/v heads split over the same axes (the common prefix of the `heads` and `kv_heads` axes), so
+    every shard keeps whole query groups with their key/value head.
+    """
+    rows, _, heads, _ = kernel_axes(mesh, ("batch", None, "heads", None), q_shape)
+    kv_heads = kernel_axes(mesh, ("batch", None, "kv_heads", None), kv_shape)[2]
+    return rows, tuple(a for a, _ in itertools.takewhile(lambda pair: pair[0] == pair[1], zip(heads, kv_heads)))
 
 
 def _local_flash_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, scale, rule,

@@ -24,19 +24,14 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import topologies
 
-from maxdpo import components
-from maxdpo.config import Config, ConfigError, load_config
-from maxdpo.data.loader import BATCH_FIELDS
+from maxdpo.config import Config, ConfigError
+from maxdpo.configure import load_config
 from maxdpo.data.sources import resolve_path
-from maxdpo.dpo.freeze import trainable_split
-from maxdpo.dpo.optim import make_optimizer, optimizer_state_shardings
-from maxdpo.dpo.step import make_train_step
 from maxdpo.flops import dpo_step_flops
-from maxdpo.models.registry import get_family
-from maxdpo.sharding import batch_sharding, make_mesh, micro_batch_parallel_size, replicated
+from maxdpo.program import build_train_program
+from maxdpo.sharding import make_mesh
 from maxdpo.stages import stage_configs
 
 CHIP_MEMORY_GB = {"v5p": 95, "v5e": 16, "v4": 32, "v6e": 32, "h100": 80, "h200": 141, "a100": 80}
@@ -91,20 +86,6 @@ def _devices(topology: Topology):
     return topologies.get_topology_desc(platform="tpu", topology_name=topology.tpu_name).devices
 
 
-def abstract_batch(cfg: Config, shardings: dict, rows: int) -> dict:
-    length = cfg.data.max_length * (2 if cfg.data.prefix_sharing else 1)
-    sides = 1 if cfg.data.prefix_sharing else 2
-    shapes = {name: ((rows, sides, length), jnp.int32)
-              for name in ("input_ids", "positions", "segment_ids", "completion_mask")}
-    shapes["pair_mask"] = ((rows, 1), jnp.float32)
-    if cfg.data.prefix_sharing:
-        shapes["prefix_target"] = ((rows, 1, length), jnp.int32)
-    if cfg.reference.precompute:
-        shapes["ref_logps"] = ((rows, 1, 2), jnp.float32)
-    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[name])
-            for name, (shape, dtype) in shapes.items()}
-
-
 def architecture_only(cfg: Config) -> Config:
     """`cfg` with a `model.path` that is not on this machine replaced by the family's default architecture
     (the full-size model: Llama-3-8B, Mixtral-8x7B, Gemma-7B, ...): compiling needs shapes, not weights."""
@@ -128,41 +109,19 @@ def xla_kernels(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=model)
 
 
-def compile_train_step(cfg: Config, devices) -> tuple:
-    """(compiled step, spec, mesh, whether a reference model runs) for `cfg` on `devices`, from abstract inputs."""
-    mesh, rules = make_mesh(cfg.mesh, devices), cfg.mesh.logical_axis_rules
-    spec = components.build_spec(cfg)
-    graphdef, abstract, param_shardings = components.param_shardings(spec, mesh, rules)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, param_shardings)
-    split = trainable_split(spec, get_family(spec.family), cfg.freeze)
-    settings = components.loss_settings(cfg)
-    optimizer, schedule = make_optimizer(cfg.optimizer, total_steps=1000)
-    rows = cfg.trainer.batch_size
-    micro = cfg.trainer.micro_batch_size or rows
-    micro_batch_parallel_size(mesh, rules, micro)
-    step = make_train_step(graphdef, settings, optimizer, schedule, rows // micro, split)
-    trainable = split.trainable(params)
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             jax.eval_shape(optimizer.init, trainable),
-                             optimizer_state_shardings(optimizer, trainable, split.trainable(param_shardings),
-                                                       replicated(mesh)))
-    with jax.set_mesh(mesh):
-        state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh)), "params": params,
-                 "opt_state": opt_state}
-        state_shardings = jax.tree.map(lambda a: a.sharding, state)
-        uses_reference = settings.uses_reference and not cfg.reference.precompute
-        batch = abstract_batch(cfg, {name: batch_sharding(mesh, rules, ndim) for name, ndim in BATCH_FIELDS.items()},
-                               rows)
-        jitted = jax.jit(step, in_shardings=(state_shardings, param_shardings if uses_reference else None,
-                                             jax.tree.map(lambda a: a.sharding, batch)),
-                         out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
-        compiled = jitted.lower(state, params if uses_reference else None, batch).compile()
-    return compiled, spec, mesh, uses_reference
+def compile_program(cfg: Config, devices) -> tuple:
+    """(compiled train step, its program) for `cfg` on `devices`, from abstract inputs: the global batch of
+    `trainer.batch_size` pairs at `data.max_length` (the unpacked, worst-case shape)."""
+    program = build_train_program(cfg, make_mesh(cfg.mesh, devices), total_steps=1000)
+    with program.mesh_context():
+        args = program.abstract_args(cfg.trainer.batch_size)
+        return program.train_step.lower(*args).compile(), program
 
 
 def report(cfg: Config, topology: Topology, devices) -> dict:
     start = time.perf_counter()
-    compiled, spec, mesh, uses_reference = compile_train_step(cfg, devices)
+    compiled, program = compile_program(cfg, devices)
+    spec = program.spec
     memory = compiled.memory_analysis()
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
              + memory.temp_size_in_bytes)
@@ -171,16 +130,16 @@ def report(cfg: Config, topology: Topology, devices) -> dict:
     rows, seq = cfg.trainer.batch_size, cfg.data.max_length
     return dict(
         config=cfg.run.name, topology=topology.name, devices=len(devices), chip=topology.chip,
-        mesh={axis: size for axis, size in mesh.shape.items() if size > 1}, model=spec.family,
-        params_billion=spec.num_params() / 1e9, rows=rows, micro_batch=cfg.trainer.micro_batch_size or rows,
-        seq=seq, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=spec.remat,
-        reference="precomputed" if cfg.reference.precompute else "model" if uses_reference else "none",
+        mesh={axis: size for axis, size in program.mesh.shape.items() if size > 1}, model=spec.family,
+        params_billion=spec.num_params() / 1e9, rows=rows, micro_batch=cfg.trainer.micro_batch,
+        seq=seq, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+        reference="precomputed" if cfg.reference.precompute else "model" if program.reference_model else "none",
         compile_s=round(time.perf_counter() - start, 1),
         gb_per_device=dict(arguments=memory.argument_size_in_bytes / 1e9, outputs=memory.output_size_in_bytes / 1e9,
                            aliased=memory.alias_size_in_bytes / 1e9, temporaries=memory.temp_size_in_bytes / 1e9,
                            total=total / 1e9),
         capacity_gb_per_device=capacity / 1e9, fits=total <= capacity,
-        model_tflops_per_step=dpo_step_flops(spec, rows, seq, reference=uses_reference) / 1e12,
+        model_tflops_per_step=dpo_step_flops(spec, rows, seq, reference=program.reference_model) / 1e12,
     )
 
 

@@ -1,7 +1,9 @@
-"""Typed run configuration: dataclasses, YAML files, dotted `key=value` overrides, validation.
+"""Typed run configuration: dataclasses, YAML files, dotted `key=value` overrides, value checks.
 
 Every YAML is applied on top of the bundled `configs/base.yaml` (which holds the logical-axis rules).
-Unknown keys and ill-typed values raise `ConfigError` naming the key and the closest valid one.
+Unknown keys and ill-typed or out-of-range values raise `ConfigError` naming the key and the closest valid
+one. Choices that name an implementation (model family, loss, chat template, kernels) are checked against
+their registries by `maxdpo.configure`, which is what loads configs; this module imports nothing of maxdpo.
 """
 from __future__ import annotations
 
@@ -15,9 +17,6 @@ from typing import Any, Optional
 
 import yaml
 
-from maxdpo.data.templates import BUILTIN_TEMPLATES
-from maxdpo.dpo.losses import LOSS_NAMES
-
 DEFAULT_CONFIG = "tiny_llama_dpo.yaml"
 
 
@@ -25,10 +24,16 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it."""
 
 
+def free(default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    """A field a resumed run may change: where and how things run or are logged, saved and exported, not what
+    is trained."""
+    return dataclasses.field(default=default, metadata={"free_on_resume": True}, **kwargs)
+
+
 @dataclasses.dataclass
 class RunConfig:
     name: str = "maxdpo"
-    output_dir: str = "runs/maxdpo"
+    output_dir: str = free("runs/maxdpo")
     seed: int = 42
 
 
@@ -39,11 +44,11 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     overrides: dict = dataclasses.field(default_factory=dict)
-    attention: str = "xla"
-    moe_impl: str = "dense"
-    remat: str = "none"
-    scan_layers: bool = True
-    logits_chunk: int = 512  # positions per vocabulary projection in the loss; 0: the whole sequence at once
+    attention: str = free("xla")
+    moe_impl: str = free("dense")
+    remat: str = free("none")
+    scan_layers: bool = free(True)
+    logits_chunk: int = free(512)  # positions per vocabulary projection in the loss; 0: the whole sequence at once
 
 
 @dataclasses.dataclass
@@ -81,9 +86,9 @@ class DataConfig:
     packing: bool = False
     prefix_sharing: bool = False  # one row per pair, prompt | chosen | rejected: the prompt runs once
     skip_invalid: bool = False
-    num_proc: Optional[int] = None  # tokenisation processes; None: up to 8 for large data, 1 for small
-    cache: bool = True
-    cache_dir: Optional[str] = None  # None: $MAXDPO_CACHE_DIR or ~/.cache/maxdpo
+    num_proc: Optional[int] = free(None)  # tokenisation processes; None: up to 8 for large data, 1 for small
+    cache: bool = free(True)
+    cache_dir: Optional[str] = free(None)  # None: $MAXDPO_CACHE_DIR or ~/.cache/maxdpo
 
 
 @dataclasses.dataclass
@@ -116,11 +121,16 @@ class TrainerConfig:
     micro_batch_size: Optional[int] = None
     epochs: int = 1
     max_steps: int = -1
-    eval_every: int = 0
-    save_every: int = 0
-    log_every: int = 1
-    keep_checkpoints: int = 3
-    resume: str = "auto"
+    eval_every: int = free(0)
+    save_every: int = free(0)
+    log_every: int = free(1)
+    keep_checkpoints: int = free(3)
+    resume: str = free("auto")
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows per micro batch (one gradient accumulation step): the whole batch unless micro_batch_size is set."""
+        return self.micro_batch_size or self.batch_size
 
 
 @dataclasses.dataclass
@@ -154,34 +164,22 @@ class Config:
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    mesh: MeshConfig = free(default_factory=MeshConfig)
     freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)
-    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    export: ExportConfig = free(default_factory=ExportConfig)
     stages: list = dataclasses.field(default_factory=list)  # multi-stage runs: see maxdpo/stages.py
 
 
+# Choices that are settings rather than implementations (those are checked by maxdpo.configure).
 CHOICES = {
-    "model.family": ("llama", "mistral", "mixtral", "gemma", "gemma2"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention": ("xla", "pallas"),
-    "model.moe_impl": ("dense", "ragged", "pallas"),
-    "model.remat": ("none", "dots", "full"),
     "data.format": ("auto", "plain", "conversational"),
     "data.truncation": ("keep_start", "keep_end"),
-    "dpo.loss": LOSS_NAMES,
     "optimizer.name": ("adamw",),
-    "optimizer.schedule": ("linear", "cosine", "constant"),
     "trainer.resume": ("auto", "never"),
     "export.dtype": (None, "float32", "bfloat16", "float16"),
 }
-
-
-CHAT_TEMPLATE_NAMES = ("auto", *BUILTIN_TEMPLATES)
-
-
-# Losses that read dpo.label_smoothing (ε): cDPO smoothing, rDPO's flip rate, EXO's target distribution.
-SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair")
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -295,15 +293,20 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError(f"config file not found: {name} (nor a bundled config of that name)")
 
 
-def _value(cfg: Config, key: str) -> Any:
+def value_of(cfg: Config, key: str) -> Any:
     section, name = key.split(".")
     return getattr(getattr(cfg, section), name)
 
 
-def validate(cfg: Config) -> None:
+def check_choice(cfg: Config, key: str, allowed) -> None:
+    if value_of(cfg, key) not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value_of(cfg, key)!r}")
+
+
+def check_values(cfg: Config) -> None:
+    """Types are checked as keys are set; this checks ranges, settings' choices and consistency."""
     for key, allowed in CHOICES.items():
-        if _value(cfg, key) not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {_value(cfg, key)!r}")
+        check_choice(cfg, key, allowed)
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"config key 'dpo.beta' must be > 0, got {cfg.dpo.beta}")
     if cfg.model.logits_chunk < 0:
@@ -312,15 +315,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'dpo.router_aux_coef' must be >= 0, got {cfg.dpo.router_aux_coef}")
     if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError(f"config key 'dpo.label_smoothing' must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
-    if cfg.dpo.label_smoothing and cfg.dpo.loss not in SMOOTHED_LOSSES:
-        raise ConfigError(f"config key 'dpo.label_smoothing' is used by the losses {list(SMOOTHED_LOSSES)} only; "
-                          f"dpo.loss '{cfg.dpo.loss}' would ignore it")
-    if cfg.dpo.loss == "exo_pair" and not cfg.dpo.label_smoothing:
-        raise ConfigError("dpo.loss 'exo_pair' needs dpo.label_smoothing > 0 (its target distribution is "
-                          "[1 - ε, ε]; TRL suggests 1e-3)")
-    if cfg.dpo.loss == "sft" and (cfg.reference.path or cfg.reference.precompute):
-        raise ConfigError("dpo.loss 'sft' trains without a reference model; unset reference.path and "
-                          "reference.precompute")
     for key in ("dpop_lambda", "sft_weight"):
         if getattr(cfg.dpo, key) < 0:
             raise ConfigError(f"config key 'dpo.{key}' must be >= 0, got {getattr(cfg.dpo, key)}")
@@ -336,10 +330,6 @@ def validate(cfg: Config) -> None:
             f"data.max_length ({cfg.data.max_length})")
     if cfg.data.num_proc is not None and cfg.data.num_proc < 1:
         raise ConfigError(f"config key 'data.num_proc' must be >= 1 or null, got {cfg.data.num_proc}")
-    template = cfg.data.chat_template
-    if template not in CHAT_TEMPLATE_NAMES and not template.endswith(".jinja") and not ("{{" in template or "{%" in template):
-        raise ConfigError(f"config key 'data.chat_template' must be one of {list(CHAT_TEMPLATE_NAMES)}, a .jinja file "
-                          f"or a Jinja template string, got {template!r}")
     if not 0.0 <= cfg.optimizer.warmup_ratio <= 1.0:
         raise ConfigError(f"config key 'optimizer.warmup_ratio' must be in [0, 1], got {cfg.optimizer.warmup_ratio}")
     for axis in ("data", "fsdp", "tensor", "expert"):
@@ -348,14 +338,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'mesh.{axis}' must be a positive size or -1, got {size}")
 
 
-def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """base.yaml <- the config file (bundled default when None) <- dotted overrides; then validated."""
+def read_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """base.yaml <- the config file (bundled default when None) <- dotted overrides; values checked."""
     cfg = Config()
     apply_mapping(cfg, _read_yaml(bundled_config_path("base.yaml")))
     apply_mapping(cfg, _read_yaml(resolve_config_path(path or DEFAULT_CONFIG)))
     for text in overrides:
         apply_mapping(cfg, parse_override(text))
-    validate(cfg)
+    check_values(cfg)
     return cfg
 
 
@@ -363,10 +353,10 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(content: dict) -> Config:
+def config_from_dict(content: dict) -> Config:
     cfg = Config()
     apply_mapping(cfg, content)
-    validate(cfg)
+    check_values(cfg)
     return cfg
 
 
@@ -377,3 +367,15 @@ def save_config(cfg: Config, path: Path) -> None:
 
 def valid_keys() -> list[str]:
     return _all_keys(Config())
+
+
+def resume_free_keys(section: Any = Config, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys (and `section.` prefixes of whole sections) declared with `free`."""
+    keys: list[str] = []
+    for f in dataclasses.fields(section):
+        subsection = dataclasses.is_dataclass(f.default_factory)
+        if f.metadata.get("free_on_resume"):
+            keys.append(f"{prefix}{f.name}" + ("." if subsection else ""))
+        elif subsection:
+            keys += resume_free_keys(f.default_factory, f"{prefix}{f.name}.")
+    return tuple(keys)

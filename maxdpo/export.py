@@ -15,11 +15,14 @@ import jax
 
 from maxdpo.checkpoint.hf import save_params
 from maxdpo.checkpoint.safetensors_io import CheckpointError
-from maxdpo.checkpoint.state import CheckpointStore, find_checkpoint, spec_from_meta
-from maxdpo.config import ConfigError, from_dict
-from maxdpo.components import load_tokenizer
+from maxdpo.checkpoint.state import CheckpointStore, find_checkpoint
+from maxdpo.config import ConfigError
+from maxdpo.configure import from_dict
+from maxdpo.data.run_data import load_tokenizer
 from maxdpo.model_card import write_model_card
+from maxdpo.models.spec import Architecture
 from maxdpo.models.transformer import abstract_model
+from maxdpo.program import execution_from_config
 
 log = logging.getLogger("maxdpo")
 
@@ -29,14 +32,14 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: str | None
     store = CheckpointStore(directory)
     try:
         meta = store.read_meta(step)
-        spec = spec_from_meta(meta["model"])
-        _, abstract, _ = abstract_model(spec)
+        cfg = from_dict(meta["config"])
+        spec = Architecture.from_dict(meta["model"])
+        _, abstract, _ = abstract_model(spec, execution_from_config(cfg))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
         params = store.restore(step, target)["params"]
     finally:
         store.close()
-    cfg = from_dict(meta["config"])
     out = save_params(spec, jax.tree.map(jax.device_get, params), out_dir, dtype or cfg.export.dtype)
     try:
         load_tokenizer(cfg).save_pretrained(out)

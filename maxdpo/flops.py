@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from maxdpo.models.spec import ModelSpec
+from maxdpo.models.spec import Architecture
 
 
 def mean_visible_keys(seq_len: int, window: Optional[int]) -> float:
@@ -22,7 +22,7 @@ def mean_visible_keys(seq_len: int, window: Optional[int]) -> float:
     return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
 
 
-def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
+def forward_flops_per_token(spec: Architecture, seq_len: int) -> float:
     d, f, h = spec.hidden_size, spec.intermediate_size, spec.head_dim
     projections = d * h * (2 * spec.num_heads + 2 * spec.num_kv_heads)
     mlp = 3 * d * f * (spec.num_experts_per_tok if spec.num_experts else 1) + d * spec.num_experts
@@ -31,7 +31,7 @@ def forward_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     return 2 * weights + scores
 
 
-def dpo_step_flops(spec: ModelSpec, rows: int, seq_len: int, reference: bool = True) -> float:
+def dpo_step_flops(spec: Architecture, rows: int, seq_len: int, reference: bool = True) -> float:
     """FLOPs of one DPO step on `rows` pairs of chosen + rejected sequences of seq_len tokens."""
     passes = 3 + (1 if reference else 0)
     return passes * 2 * rows * seq_len * forward_flops_per_token(spec, seq_len)

@@ -7,6 +7,8 @@ from pathlib import Path
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
+from maxdpo.atomic import write_text
+
 
 def _complete_rows(path: Path) -> list[str]:
     """The file's rows; a last row cut short by a killed process is left out."""
@@ -30,9 +32,7 @@ def drop_rows_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in _complete_rows(path) if json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLog:

@@ -8,12 +8,9 @@ import math
 from pathlib import Path
 
 from maxdpo.config import Config
+from maxdpo.dpo.losses import LOSSES
 from maxdpo.metrics_log import read_rows
 
-LOSS_TITLES = {"sigmoid": "DPO (Direct Preference Optimization)", "dpop": "DPOP (DPO-Positive)", "ipo": "IPO",
-               "hinge": "SLiC (hinge)", "robust": "robust DPO", "exo_pair": "EXO", "nca_pair": "NCA",
-               "bco_pair": "BCO", "sppo_hard": "SPPO", "apo_zero": "APO-zero", "apo_down": "APO-down",
-               "sigmoid_norm": "length-normalised DPO", "sft": "supervised fine-tuning"}
 # (column title, eval metric) after Training Loss, Epoch, Step, in the Notux card's order.
 EVAL_COLUMNS = (("Validation Loss", "eval_loss"), ("Rewards/chosen", "eval_rewards/chosen"),
                 ("Rewards/rejected", "eval_rewards/rejected"), ("Rewards/accuracies", "eval_rewards/accuracies"),
@@ -52,7 +49,7 @@ def _version(package: str) -> str:
 def hyperparameters(cfg: Config, mesh: dict[str, int], data_parallel: int) -> list[str]:
     trainer, opt, dpo = cfg.trainer, cfg.optimizer, cfg.dpo
     num_devices = math.prod(mesh.values())
-    micro = trainer.micro_batch_size or trainer.batch_size
+    micro = trainer.micro_batch
     lines = [f"learning_rate: {opt.learning_rate:g}", f"train_batch_size: {micro // data_parallel}",
              f"eval_batch_size: {micro // data_parallel}", f"seed: {cfg.run.seed}",
              f"distributed_type: {'multi-device' if num_devices > 1 else 'single device'} (JAX mesh {mesh})",
@@ -66,10 +63,7 @@ def hyperparameters(cfg: Config, mesh: dict[str, int], data_parallel: int) -> li
         lines.append(f"lr_scheduler_warmup_ratio: {opt.warmup_ratio:g}")
     lines += [f"num_epochs: {trainer.epochs}"] + ([f"training_steps: {trainer.max_steps}"] if trainer.max_steps > 0 else [])
     lines += [f"max_grad_norm: {opt.max_grad_norm:g}", f"loss: {dpo.loss}", f"beta: {dpo.beta:g}"]
-    if dpo.label_smoothing:
-        lines.append(f"label_smoothing: {dpo.label_smoothing:g}")
-    if dpo.loss == "dpop":
-        lines.append(f"dpop_lambda: {dpo.dpop_lambda:g}")
+    lines += [f"{key}: {getattr(dpo, key):g}" for key in LOSSES[dpo.loss].reads if getattr(dpo, key)]
     if dpo.sft_weight:
         lines.append(f"sft_weight: {dpo.sft_weight:g}")
     if dpo.router_aux_coef:
@@ -89,7 +83,7 @@ def render(cfg: Config, rows: list[dict], mesh: dict[str, int], data_parallel: i
              f"- name: {cfg.run.name}", "  results: []", "---"]
     body = [f"# {cfg.run.name}",
             f"This model is a preference-tuned version of {base} on {data} using "
-            f"{LOSS_TITLES[cfg.dpo.loss]}, trained with maxdpo (JAX).",
+            f"{LOSSES[cfg.dpo.loss].title}, trained with maxdpo (JAX).",
             "## Training procedure", "### Training hyperparameters",
             "The following hyperparameters were used during training:",
             *(f"- {line}" for line in hyperparameters(cfg, mesh, data_parallel)),

@@ -1,13 +1,15 @@
 """Device mesh from `mesh.*` and logical-axis rules -> PartitionSpecs / NamedShardings.
 
-Logical names (`embed`, `heads`, `batch`, ...) are mapped to mesh axes only here, through the rules in
-`configs/base.yaml` (`mesh.logical_axis_rules`). A dimension that a mesh axis does not divide stays
-replicated over that axis rather than failing, so tiny models still run on big meshes.
+Logical names (`embed`, `heads`, `batch`, ...) are mapped to mesh axes through the rules in
+`configs/base.yaml` (`mesh.logical_axis_rules`) by `kernels.partitioning.logical_to_spec`, the mapping the
+kernels use too (under `mesh_context`). A dimension that a mesh axis does not divide stays replicated over
+that axis rather than failing, so tiny models still run on big meshes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -15,6 +17,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxdpo.config import ConfigError, MeshConfig
+from maxdpo.kernels import partitioning
+from maxdpo.kernels.partitioning import logical_to_spec
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")  # outermost first; tensor is the innermost (fastest) axis
 
@@ -47,23 +51,11 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = No
     return Mesh(grid, MESH_AXES)
 
 
-def logical_to_spec(axes: Sequence[Optional[str]], rules: dict, mesh: Mesh,
-                    shape: Optional[Sequence[int]] = None) -> PartitionSpec:
-    """PartitionSpec for one array whose dimensions carry the logical names `axes`."""
-    used: set[str] = set()
-    spec = []
-    for dim, name in enumerate(axes):
-        targets = []
-        for mesh_axis in rules.get(name) or () if name is not None else ():
-            if mesh_axis in used or mesh.shape[mesh_axis] == 1:
-                continue
-            size = math.prod(mesh.shape[a] for a in targets) * mesh.shape[mesh_axis]
-            if shape is not None and shape[dim] % size:
-                continue
-            targets.append(mesh_axis)
-        used.update(targets)
-        spec.append(None if not targets else targets[0] if len(targets) == 1 else tuple(targets))
-    return PartitionSpec(*spec)
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: dict) -> Iterator[None]:
+    """The ambient mesh and logical rules to trace the model under (its kernels shard by both)."""
+    with jax.set_mesh(mesh), partitioning.logical_rules(rules):
+        yield
 
 
 def tree_shardings(abstract_tree, axes_tree, rules: dict, mesh: Mesh):

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable
 
-from maxdpo.config import Config, ConfigError, apply_mapping, from_dict, to_dict
+from maxdpo.atomic import write_text
+from maxdpo.config import Config, ConfigError, apply_mapping, to_dict
+from maxdpo.configure import from_dict
 
 log = logging.getLogger("maxdpo")
 
@@ -68,9 +69,7 @@ def stage_configs(cfg: Config) -> list[tuple[str, Config]]:
 
 
 def _write_done(folder: Path, summary: dict) -> None:
-    tmp = folder / f"{DONE_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, folder / DONE_FILE)
+    write_text(folder / DONE_FILE, json.dumps(summary, indent=1, default=str))
 
 
 def run_stages(cfg: Config, run_one: Callable[[Config], dict], is_main: bool = True) -> dict:

@@ -8,7 +8,8 @@ import sys
 import jax
 from absl import logging as absl_logging
 
-from maxdpo.config import ConfigError, DEFAULT_CONFIG, load_config
+from maxdpo.config import ConfigError, DEFAULT_CONFIG
+from maxdpo.configure import load_config
 from maxdpo.data.sources import DataError
 from maxdpo.checkpoint.safetensors_io import CheckpointError
 from maxdpo.distributed import maybe_initialize_distributed

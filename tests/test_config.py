@@ -1,7 +1,8 @@
 """Config: YAML + dotted overrides, typed validation, errors that name the key and suggest the closest."""
 import pytest
 
-from maxdpo.config import ConfigError, load_config, parse_override, valid_keys
+from maxdpo.config import ConfigError, parse_override, valid_keys
+from maxdpo.configure import load_config
 
 
 def test_default_config_resolves():

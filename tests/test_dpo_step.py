@@ -12,8 +12,9 @@ from transformers import AutoTokenizer
 
 import maxdpo
 from hf_models import maxdpo_params, tiny_hf, tiny_llama
-from maxdpo import components
-from maxdpo.config import OptimizerConfig, load_config
+from maxdpo.config import OptimizerConfig
+from maxdpo.configure import load_config
+from maxdpo.data.batch import PAIRED, Batch
 from maxdpo.data.loader import collate
 from maxdpo.data.prefix_sharing import collate_shared
 from maxdpo.data.sources import resolve_path
@@ -24,6 +25,7 @@ from maxdpo.dpo.losses import LossHyper
 from maxdpo.dpo.optim import make_optimizer
 from maxdpo.dpo.step import LossSettings, make_train_step, sequence_stats
 from maxdpo.models.registry import get_family
+from maxdpo.program import build_train_program
 from maxdpo.sharding import make_mesh
 
 ROWS = [
@@ -49,11 +51,11 @@ def setup(tmp_path_factory):
 
 def trl_reference(policy_hf, ref_hf, batch, aux_coef=0.0):
     """TRL's concatenated forward, logps, sigmoid loss (+ aux_coef x the MoE router loss) and logged metrics."""
-    ids = torch.tensor(batch["input_ids"], dtype=torch.long)
+    ids = torch.tensor(batch.input_ids, dtype=torch.long)
     pairs, _, seq = ids.shape
     concat = torch.cat([ids[:, 0], ids[:, 1]])  # TRL: chosen rows, then rejected rows
-    attention = torch.tensor(np.concatenate([batch["segment_ids"][:, 0], batch["segment_ids"][:, 1]]))
-    loss_mask = torch.tensor(np.concatenate([batch["completion_mask"][:, 0], batch["completion_mask"][:, 1]]))
+    attention = torch.tensor(np.concatenate([batch.segment_ids[:, 0], batch.segment_ids[:, 1]]))
+    loss_mask = torch.tensor(np.concatenate([batch.completion_mask[:, 0], batch.completion_mask[:, 1]]))
     labels, loss_mask = concat[:, 1:], loss_mask[:, 1:].bool()
 
     def forward(model):
@@ -185,7 +187,7 @@ def test_prefix_shared_rows_give_the_unshared_step(setup, tmp_path, family, atte
     unshared = collate([[pair] for pair in pairs], 32, 1, pad_id=0)
     shared = collate_shared([[pairs[0], pairs[1]], [pairs[2]], [], [pairs[3], pairs[4]]], 64, 2, pad_id=0)
     _assert_same_step(_loaded_sgd_step(tmp_path, unshared, attention=attention),
-                      _loaded_sgd_step(tmp_path, shared, attention=attention, shared_prefix=True), 2e-5)
+                      _loaded_sgd_step(tmp_path, shared, attention=attention), 2e-5)
 
 
 @pytest.mark.parametrize("chunk", [5, 16])
@@ -194,9 +196,9 @@ def test_chunked_vocab_projection_gives_the_same_step(setup, chunk):
     pass) gives the unchunked step's metrics and update, also on prefix-shared rows."""
     _, _, tmp, batch, pairs = setup
     shared = collate_shared([[pairs[0], pairs[1]], [pairs[2], pairs[3]]], 64, 2, pad_id=0)
-    for data, shared_prefix in ((batch, False), (shared, True)):
-        _assert_same_step(_loaded_sgd_step(tmp, data, logits_chunk=0, shared_prefix=shared_prefix),
-                          _loaded_sgd_step(tmp, data, logits_chunk=chunk, shared_prefix=shared_prefix), 1e-5)
+    for data in (batch, shared):
+        _assert_same_step(_loaded_sgd_step(tmp, data, logits_chunk=0),
+                          _loaded_sgd_step(tmp, data, logits_chunk=chunk), 1e-5)
 
 
 def test_chunked_vocab_projection_never_holds_all_logits():
@@ -206,18 +208,13 @@ def test_chunked_vocab_projection_never_holds_all_logits():
     for chunk in (0, 64):
         cfg = load_config(None, ["model.overrides.vocab_size=32000", "model.overrides.max_position_embeddings=512",
                                  f"model.logits_chunk={chunk}"])
-        spec = components.build_spec(cfg)
-        mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-        graphdef, abstract, _ = components.param_shardings(spec, mesh, cfg.mesh.logical_axis_rules)
-        shapes = {"input_ids": (4, 2, 512), "positions": (4, 2, 512), "segment_ids": (4, 2, 512),
-                  "completion_mask": (4, 2, 512)}
-        batch = {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in shapes.items()}
-        batch["pair_mask"] = jax.ShapeDtypeStruct((4, 1), np.float32)
+        program = build_train_program(cfg, make_mesh(cfg.mesh, jax.devices()[:1]), total_steps=1)
+        batch = Batch.abstract(PAIRED, rows=4, length=512)
 
         def loss(params, batch):
-            return sequence_stats(graphdef, params, batch)["logps"].sum()
+            return sequence_stats(program.graphdef, params, batch)["logps"].sum()
 
-        compiled = jax.jit(jax.grad(loss)).lower(abstract, batch).compile()
+        compiled = jax.jit(jax.grad(loss)).lower(program.abstract_state["params"], batch).compile()
         temps[chunk] = compiled.memory_analysis().temp_size_in_bytes
     logits_bytes = 8 * 512 * 32000 * 4
     assert temps[0] - temps[64] > 0.75 * logits_bytes, temps

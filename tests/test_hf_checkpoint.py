@@ -9,8 +9,8 @@ import maxdpo
 from hf_models import tiny_hf
 from maxdpo.checkpoint.hf import CheckpointReader, load_params, load_params_sharded, spec_from_pretrained
 from maxdpo.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
-from maxdpo.components import param_shardings
-from maxdpo.config import load_config
+from maxdpo.configure import load_config
+from maxdpo.program import build_train_program
 from maxdpo.sharding import make_mesh
 
 EXPERT = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
@@ -79,14 +79,15 @@ def test_sharded_load_equals_host_load_and_reads_only_needed_tensors(tmp_path):
     mixtral_dir = tmp_path
     tiny_hf(mixtral_dir, "mixtral", num_local_experts=4)
     family, spec = spec_from_pretrained(mixtral_dir)
-    cfg = load_config(None, ["mesh.data=1", "mesh.expert=2", "mesh.tensor=2", "mesh.fsdp=2"])
-    _, _, shardings = param_shardings(spec, make_mesh(cfg.mesh), cfg.mesh.logical_axis_rules)
-    sharded = load_params_sharded(mixtral_dir, spec, family, shardings)
+    cfg = load_config(None, ["mesh.data=1", "mesh.expert=2", "mesh.tensor=2", "mesh.fsdp=2", "model.family=mixtral",
+                             f"model.path={mixtral_dir}", "model.overrides=null"])
+    shardings = build_train_program(cfg, make_mesh(cfg.mesh), total_steps=1).param_shardings
+    sharded = load_params_sharded(mixtral_dir, spec, family, shardings, np.float32)
     host = load_params(mixtral_dir, spec, family)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(sharded), host)
     assert sharded["layers"]["mlp"]["gate_proj"].sharding.spec[1] == "expert"
 
-    reader = CheckpointReader(mixtral_dir, spec, family)
+    reader = CheckpointReader(mixtral_dir, spec, family, np.float32)
     entry = next(e for e in family.param_entries(spec) if e.path == ("layers", "mlp", "down_proj"))
     read = []
     original = reader.read

@@ -1,4 +1,6 @@
-"""Kernels under a device mesh: run per shard (shard_map), same numbers as the XLA path on one device."""
+"""Kernels under a device mesh: run per shard (shard_map) as the logical rules say, same numbers as the XLA path."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,16 +9,34 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maxdpo.kernels.attention_reference import attention_reference
 from maxdpo.kernels.flash_attention import flash_attention
+from maxdpo.kernels.partitioning import DEFAULT_RULES, logical_rules
 from maxdpo.models.moe import dense_experts, pallas_experts, route
 
 MESH = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 1, 2), ("data", "fsdp", "expert", "tensor"))
 
 
-def _jaxpr_has_shard_map(fn, *args):
-    return "shard_map" in str(jax.make_jaxpr(fn)(*args))
+def _shard_map_in_specs(fn, *args) -> tuple:
+    """in_specs of the one shard_map at the top of `fn`'s jaxpr."""
+    (eqn,) = [e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if e.primitive.name == "shard_map"]
+    return eqn.params["in_specs"]
 
 
-def test_flash_attention_runs_per_shard_under_a_mesh():
+# rules (None: the default, outside any `logical_rules`) -> the q and k/v spec (B 4, N 4, K 2 on MESH)
+ATTENTION_RULES = {
+    "default": (None, P(("data", "fsdp"), None, "tensor", None)),
+    "batch-fsdp": ({**DEFAULT_RULES, "batch": ["fsdp"]}, P("fsdp", None, "tensor", None)),
+    "heads-unsplit": ({**DEFAULT_RULES, "heads": [], "kv_heads": []}, P(("data", "fsdp"), None, None, None)),
+    # q heads take fsdp x tensor (4), k/v heads only fsdp (2 heads): both split over the common fsdp
+    "heads-common-prefix": ({"batch": ["data"], "heads": ["fsdp", "tensor"], "kv_heads": ["fsdp", "tensor"]},
+                            P("data", None, "fsdp", None)),
+    # tensor taken by the batch first, so heads stay whole
+    "batch-takes-tensor": ({**DEFAULT_RULES, "batch": ["data", "tensor"]}, P(("data", "tensor"), None, None, None)),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_RULES))
+def test_flash_attention_runs_per_shard_as_the_logical_rules_say(name):
+    rules, tiles = ATTENTION_RULES[name]
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (4, 24, 4, 16))
     k, v = (jax.random.normal(key, (4, 24, 2, 16)) for key in keys[1:])
@@ -28,14 +48,26 @@ def test_flash_attention_runs_per_shard_under_a_mesh():
                                   kv_segment_ids=segments, scale=0.25, sliding_window=9)
 
     want = attend(attention_reference)(q, k, v)
-    with jax.set_mesh(MESH):
+    with jax.set_mesh(MESH), logical_rules(rules) if rules else contextlib.nullcontext():
         q, k, v = (jax.device_put(x, NamedSharding(MESH, P(("data", "fsdp")))) for x in (q, k, v))
         got = jax.jit(attend(flash_attention))(q, k, v)
-        assert _jaxpr_has_shard_map(attend(flash_attention), q, k, v)
+        ids = P(tiles[0], None)
+        assert _shard_map_in_specs(attend(flash_attention), q, k, v) == (tiles, tiles, tiles, ids, ids, ids, ids)
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-def test_pallas_experts_run_per_shard_with_tensor_parallel_width():
+# rules -> (token spec, MLP-width axes) for 32 tokens and width 24 on MESH
+EXPERT_RULES = {
+    "default": (None, P(("data", "fsdp"), None), "tensor"),
+    "mlp-fsdp": ({**DEFAULT_RULES, "batch": ["data"], "mlp": ["fsdp"]}, P("data", None), "fsdp"),
+    "mlp-behind-batch": ({**DEFAULT_RULES, "mlp": ["fsdp"]}, P(("data", "fsdp"), None), None),  # fsdp taken
+    "mlp-unsplit": ({**DEFAULT_RULES, "batch": ["tensor"], "mlp": ["tensor"]}, P("tensor", None), None),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPERT_RULES))
+def test_pallas_experts_run_per_shard_as_the_logical_rules_say(name):
+    rules, tokens, width = EXPERT_RULES[name]
     keys = jax.random.split(jax.random.key(1), 6)
     x = jax.random.normal(keys[0], (32, 16))
     gate, up = (0.3 * jax.random.normal(key, (4, 16, 24)) for key in keys[1:3])
@@ -46,9 +78,10 @@ def test_pallas_experts_run_per_shard_with_tensor_parallel_width():
         return lambda x, gate, up, down: jnp.sum(jnp.sin(fn(x, experts, weights, gate, up, down, jax.nn.silu)))
 
     want = jax.value_and_grad(loss(dense_experts), argnums=(0, 1, 2, 3))(x, gate, up, down)
-    with jax.set_mesh(MESH):
+    with jax.set_mesh(MESH), logical_rules(rules) if rules else contextlib.nullcontext():
         got = jax.jit(jax.value_and_grad(loss(pallas_experts), argnums=(0, 1, 2, 3)))(x, gate, up, down)
-        assert _jaxpr_has_shard_map(loss(pallas_experts), x, gate, up, down)
+        assert _shard_map_in_specs(loss(pallas_experts), x, gate, up, down) == (
+            tokens, tokens, tokens, P(None, None, width), P(None, None, width), P(None, width, None))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
 

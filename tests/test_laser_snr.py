@@ -2,7 +2,6 @@
 honouring the freeze YAML it writes."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import shutil
 import subprocess
@@ -19,10 +18,9 @@ from maxdpo.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from maxdpo.config import FreezeConfig
 from maxdpo.dpo.freeze import trainable_split
 
-TOOL = Path(__file__).parents[1] / "tools" / "laser_snr.py"
-SPEC = importlib.util.spec_from_file_location("laser_snr", TOOL)
-laser_snr = sys.modules["laser_snr"] = importlib.util.module_from_spec(SPEC)  # dataclasses look it up
-SPEC.loader.exec_module(laser_snr)
+from tools import laser_snr
+
+TOOL = Path(laser_snr.__file__)
 
 NOISE_SHAPES = [(64, 128), (128, 128), (128, 64), (200, 50)]
 

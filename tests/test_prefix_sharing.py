@@ -20,11 +20,11 @@ def test_layout():
     pair = TokenizedPair(np.array([1, 5, 6, 7, 8, 9]), np.array([1, 5, 6, 7, 4]), 4, 4)
     assert shared_prompt_length(pair) == 4
     batch = collate_shared([[pair]], 16, 1, pad_id=0)
-    np.testing.assert_array_equal(batch["input_ids"][0, 0, :9], [1, 5, 6, 7, 8, 9, 4, 0, 0][:9])
-    np.testing.assert_array_equal(batch["positions"][0, 0, :7], [0, 1, 2, 3, 4, 5, 4])
-    np.testing.assert_array_equal(batch["segment_ids"][0, 0, :8], [4, 4, 4, 4, 5, 5, 6, 0])
-    np.testing.assert_array_equal(batch["completion_mask"][0, 0, :7], [0, 0, 0, 0, 1, 1, 0])
-    assert batch["prefix_target"][0, 0, 3] == 4 and np.sum(batch["prefix_target"] >= 0) == 1
+    np.testing.assert_array_equal(batch.input_ids[0, 0, :9], [1, 5, 6, 7, 8, 9, 4, 0, 0][:9])
+    np.testing.assert_array_equal(batch.positions[0, 0, :7], [0, 1, 2, 3, 4, 5, 4])
+    np.testing.assert_array_equal(batch.segment_ids[0, 0, :8], [4, 4, 4, 4, 5, 5, 6, 0])
+    np.testing.assert_array_equal(batch.completion_mask[0, 0, :7], [0, 0, 0, 0, 1, 1, 0])
+    assert batch.prefix_target[0, 0, 3] == 4 and np.sum(batch.prefix_target >= 0) == 1
 
 
 def test_schedule_packs_shared_rows():

@@ -10,7 +10,8 @@ import transformers
 from maxdpo import compile as aot
 from maxdpo import train
 from maxdpo.checkpoint.safetensors_io import SafetensorsFile
-from maxdpo.config import ConfigError, load_config
+from maxdpo.config import ConfigError
+from maxdpo.configure import load_config
 from maxdpo.stages import DONE_FILE, stage_configs
 
 RECIPES = ["mixtral_8x7b_instruct_dpo", "notux_8x7b_dpo", "smaug_mixtral_dpop", "llama3_8b_two_stage_dpo",
@@ -59,7 +60,9 @@ def test_tiny_twin_trains(tmp_path, recipe):
     assert train.main([f"tiny_{recipe}.yaml", f"run.output_dir={run_dir}", *QUICK]) == 0
     rows = _rows(run_dir)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
-    assert all(np.isfinite(r["eval_loss"]) for r in rows if "eval_loss" in r)
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2]  # eval_every=0: the final evaluation only
+    assert all(np.isfinite(r["eval_loss"]) for r in evals)
     model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf")
     assert model.config.model_type == "mixtral"
 
@@ -96,6 +99,32 @@ def test_gemma_sft_then_dpo_with_laser_freezing(tmp_path):
         assert moved == (".layers.2." in name or ".layers.3." in name), name
 
 
+# Parameters of the tiny twins by hand: per layer q, k, v, o + the MLP (x experts, + router) + 2 norms; then
+# the embedding, the final norm and an untied lm_head (Gemma ties it).
+MIXTRAL_PARAMS = 2 * (64 * 16 * (4 + 2 + 2 + 4) + 4 * 3 * 64 * 96 + 64 * 4 + 2 * 64) + 64 * 64 + 64 + 64 * 64
+LLAMA_PARAMS = 4 * (64 * 16 * (4 + 2 + 2 + 4) + 3 * 64 * 128 + 2 * 64) + 64 * 64 + 64 + 64 * 64
+GEMMA_LAYER = 64 * 16 * (4 + 1 + 1 + 4) + 3 * 64 * 128 + 2 * 64
+TINY_PARAMS = {"mixtral_8x7b_instruct_dpo": MIXTRAL_PARAMS, "notux_8x7b_dpo": MIXTRAL_PARAMS,
+               "smaug_mixtral_dpop": MIXTRAL_PARAMS, "llama3_8b_two_stage_dpo": LLAMA_PARAMS,
+               "gemma_7b_sft_dpo": 4 * GEMMA_LAYER + 64 * 64 + 64}
+H100_GB = 80
+
+
+def _check_memory(report, params):
+    """The per-device numbers add up, the fit verdict follows from them, and the arguments hold at least this
+    device's FSDP shard (over 4) of the policy (and reference) weights but far less than those weights and
+    Adam's two moments replicated (plus this device's eighth of the batch, at most 6 int32s a token)."""
+    memory = report["gb_per_device"]
+    assert memory["total"] == pytest.approx(
+        memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"], rel=1e-9)
+    assert memory["aliased"] <= min(memory["arguments"], memory["outputs"]) and memory["temporaries"] > 0
+    assert report["capacity_gb_per_device"] == H100_GB and report["fits"] == (memory["total"] <= H100_GB)
+    assert report["params_billion"] * 1e9 == params and report["param_dtype"] == "float32"
+    weights = 4 * params * (2 if report["reference"] == "model" else 1)  # bytes, unsharded
+    batch = report["rows"] * 2 * report["seq"] * 6 * 4 / 8
+    assert weights / 4 <= memory["arguments"] * 1e9 < (weights + 2 * 4 * params) / 2 + batch
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_tiny_twin_compiles_for_an_h100_mesh(tmp_path, recipe):
     out = tmp_path / "report.json"
@@ -103,8 +132,25 @@ def test_tiny_twin_compiles_for_an_h100_mesh(tmp_path, recipe):
                      "--json", str(out)]) == 0
     reports = json.loads(out.read_text())
     assert len(reports) == (2 if recipe in ("llama3_8b_two_stage_dpo", "gemma_7b_sft_dpo") else 1)
-    assert all(r["fits"] and r["mesh"] == {"data": 2, "fsdp": 4} for r in reports)
-    assert reports[0]["reference"] == ("none" if "sft" in recipe else "model")
+    assert all(r["devices"] == 8 and r["mesh"] == {"data": 2, "fsdp": 4} for r in reports)
+    assert [r["reference"] for r in reports] == {"llama3_8b_two_stage_dpo": ["model", "model"],
+                                                 "gemma_7b_sft_dpo": ["none", "model"]}.get(recipe, ["model"])
+    for report in reports:
+        _check_memory(report, TINY_PARAMS[recipe])
+        assert report["fits"] and report["gb_per_device"]["total"] < 1  # a tiny model: well under a GB
+
+
+def test_a_step_too_big_for_the_chip_does_not_fit(tmp_path):
+    """The same tiny twin at 8k tokens a sequence: the XLA attention's [T, T] scores are 4 pairs a device x 2
+    sequences x 4 heads x 8192^2 x 4 bytes = 8.6 GB a copy, and the step holds many (2 layers, policy and
+    reference, forward and backward): past the H100's 80 GB, which the report and the exit status say."""
+    out = tmp_path / "report.json"
+    assert aot.main(["tiny_notux_8x7b_dpo.yaml", "--topology", "h100:8", "mesh.fsdp=4", "mesh.data=2",
+                     "data.max_length=8192", "model.overrides.max_position_embeddings=8192",
+                     "--json", str(out)]) == 1
+    (report,) = json.loads(out.read_text())
+    _check_memory(report, MIXTRAL_PARAMS)
+    assert not report["fits"] and report["gb_per_device"]["temporaries"] > H100_GB
 
 
 @pytest.mark.tpu_aot

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from hf_models import tiny_llama
-from maxdpo import components
-from maxdpo.config import ConfigError, load_config
+from maxdpo.data.run_data import load_tokenizer, prepare_data
+from maxdpo.config import ConfigError
+from maxdpo.configure import load_config
 from maxdpo.data.formats import InvalidRow, RowFormat, to_example
 from maxdpo.trainer import Trainer
 
@@ -24,15 +25,15 @@ def _jsonl(path, rows):
 def _store(tmp_path, rows, *extra):
     cfg = load_config(None, BUNDLED + [f"data.train={_jsonl(tmp_path / 'd.jsonl', rows)}", "dpo.loss=sft",
                                        *extra])
-    tokenizer = components.load_tokenizer(cfg)
-    return components.prepare_data(cfg.data.train, "train", cfg, tokenizer).store, tokenizer
+    tokenizer = load_tokenizer(cfg)
+    return prepare_data(cfg.data.train, "train", cfg, tokenizer).store, tokenizer
 
 
 def test_prompt_completion_rows_tokenise_like_the_chosen_side_of_a_pair(tmp_path):
     sft, tokenizer = _store(tmp_path, ROWS)
     pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": " x"} for r in ROWS]
     cfg = load_config(None, BUNDLED + [f"data.train={_jsonl(tmp_path / 'p.jsonl', pairs)}"])
-    dpo = components.prepare_data(cfg.data.train, "train", cfg, tokenizer).store
+    dpo = prepare_data(cfg.data.train, "train", cfg, tokenizer).store
     for index in range(len(ROWS)):
         got, want = sft.pair(index), dpo.pair(index)
         np.testing.assert_array_equal(got.chosen, want.chosen)
@@ -69,12 +70,12 @@ def test_sft_step_loss_is_transformers_causal_lm_loss(tmp_path):
         "trainer.log_every=1", "data.shuffle=false", "export.hf=false", "mesh.data=2", "mesh.fsdp=2",
         "mesh.tensor=2"])
     trainer = Trainer(cfg)
-    assert trainer.ref_shardings is None  # no reference weights on the device
+    assert not trainer.program.reference_model  # no reference weights on the device
     summary = trainer.train()
     assert set(summary["train"]) >= {"loss", "logps/chosen", "logits/chosen"}
     assert not any(name.startswith("rewards/") or name.endswith("rejected") for name in summary["train"])
 
-    store = trainer.train_batches.store
+    store = trainer.data.train.store
     sequences = [store.pair(i) for i in range(len(store))]
     length = max(len(p.chosen) for p in sequences)
     ids = np.zeros((len(sequences), length), np.int64)

@@ -5,8 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from maxdpo.config import load_config
-from maxdpo.sharding import logical_to_spec, make_mesh, mesh_shape
+from maxdpo.configure import load_config
+from maxdpo.kernels import partitioning
+from maxdpo.sharding import logical_to_spec, make_mesh, mesh_context, mesh_shape
 from maxdpo.trainer import Trainer
 
 LAYOUTS = {
@@ -88,3 +89,19 @@ def test_logical_rules_map_and_skip_indivisible():
     expert_mesh = make_mesh(load_config(None, ["mesh.data=2", "mesh.expert=4"]).mesh)
     spec = logical_to_spec(("layers", "experts", "embed", "mlp"), rules, expert_mesh, (3, 8, 128, 256))
     assert tuple(spec) == (None, "expert", None, None)
+
+
+def test_mesh_context_sets_the_mesh_and_the_rules_the_kernels_read():
+    cfg = load_config(None, ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4", "mesh.logical_axis_rules.batch=[fsdp]"])
+    mesh, rules = make_mesh(cfg.mesh), cfg.mesh.logical_axis_rules
+    with mesh_context(mesh, rules):
+        assert jax.sharding.get_abstract_mesh() == mesh.abstract_mesh
+        assert dict(partitioning.current_rules()) == rules
+        assert partitioning.kernel_axes(mesh, ("batch", "mlp"), (8, 64)) == (("fsdp",), ("tensor",))
+    assert partitioning.current_rules() is partitioning.DEFAULT_RULES
+
+
+def test_kernel_default_rules_are_the_bundled_ones():
+    """Kernels traced outside `logical_rules` (tests, notebooks) split as the bundled config does."""
+    rules = load_config(None, []).mesh.logical_axis_rules
+    assert {name: tuple(rules[name]) for name in partitioning.DEFAULT_RULES} == dict(partitioning.DEFAULT_RULES)

@@ -1,7 +1,6 @@
 """tools/slerp_merge.py: SLERP maths, mergekit's per-layer and per-filter t, whole merges that transformers loads."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -16,10 +15,9 @@ import torch
 import transformers
 from hf_models import tiny_hf
 
-TOOL = Path(__file__).parents[1] / "tools" / "slerp_merge.py"
-SPEC = importlib.util.spec_from_file_location("slerp_merge", TOOL)
-sm = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(sm)
+from tools import slerp_merge as sm
+
+TOOL = Path(sm.__file__)
 
 RECIPE = """\
 merge_method: slerp

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors.numpy import load_file
 
 import maxdpo
 from maxdpo import export, train
@@ -136,7 +137,7 @@ def test_start_from_hf_checkpoint(tmp_path):
     from hf_models import tiny_llama
     tiny_llama(tmp_path / "base", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
     transformers.AutoTokenizer.from_pretrained(
-        maxdpo.components.resolve_path("bundled:tiny/tokenizer")).save_pretrained(tmp_path / "base")
+        maxdpo.data.sources.resolve_path("bundled:tiny/tokenizer")).save_pretrained(tmp_path / "base")
     run_dir = tmp_path / "run"
     assert train.main(["model.path=" + str(tmp_path / "base"), "tokenizer.path=null", "model.overrides=null",
                        "trainer.max_steps=2", "trainer.batch_size=8", "trainer.log_every=1",
@@ -155,7 +156,20 @@ def test_default_job_learns_held_out_preferences(tmp_path):
     run_dir = tmp_path / "runs" / "tiny_llama_dpo"
     final_eval = [r for r in _rows(run_dir) if "eval_loss" in r][-1]
     assert final_eval["eval_rewards/accuracies"] >= 0.9
-    assert transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf") is not None
+    # The export is the trained model: the newest checkpoint (the last step) exported again gives the same
+    # tensors, and transformers computes the same logits from it as maxdpo does.
+    assert export.main([str(run_dir), str(tmp_path / "from_checkpoint")]) == 0
+    exported, again = (load_file(folder / "model.safetensors")
+                       for folder in (run_dir / "hf", tmp_path / "from_checkpoint"))
+    assert sorted(exported) == sorted(again) and "model.layers.2.mlp.down_proj.weight" in exported
+    for name in exported:
+        np.testing.assert_array_equal(exported[name], again[name], err_msg=name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / "hf")
+    ids = np.asarray([tokenizer("parity of 6 0 4 8 ? even")["input_ids"]])
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(maxdpo.load_pretrained(run_dir / "hf")(ids)) - theirs).max() < 1e-4
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -14,10 +14,14 @@ import maxdpo
 from hf_models import tiny_llama
 from maxdpo import train
 from maxdpo.config import ConfigError, FreezeConfig
+from maxdpo.configure import load_config
 from maxdpo.data.sources import resolve_path
 from maxdpo.dpo.freeze import trainable_split
 from maxdpo.dpo.optim import decay_mask
 from maxdpo.models.registry import get_family
+from maxdpo.program import architecture_from_config, build_train_program
+from maxdpo.sharding import make_mesh
+from maxdpo.weights import init_params
 
 BASE = ["trainer.batch_size=8", "trainer.log_every=1", "data.eval=null", "trainer.max_steps=3",
         "optimizer.learning_rate=1e-2", "optimizer.warmup_ratio=0"]
@@ -72,7 +76,11 @@ def test_trainable_list_and_no_optimizer_state_for_frozen_params(base_model):
     state_keys = {key for leaf_path, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]
                   for key in [getattr(leaf_path[-1], "key", None)] if key}
     assert "embed" not in state_keys and "layers/attn/q_proj" not in state_keys and "lm_head" in state_keys
-    assert "0.000" not in split.summary(params)
+    hf = load_file(base_model / "model.safetensors")  # the Hugging Face tensors: an independent count
+    total = sum(t.size for t in hf.values())
+    chosen = sum(t.size for name, t in hf.items() if ".layers.2.mlp." in name or name == "lm_head.weight")
+    assert chosen == 3 * 32 * 64 + 64 * 32  # gate/up/down of one layer (hidden 32, mlp 64) + lm_head (vocab 64)
+    assert split.summary(params) == f"{chosen / 1e6:.3f}M of {total / 1e6:.3f}M parameters trainable"
     with pytest.raises(ConfigError, match=r"freeze.frozen.*gat_proj.*match no tensor"):
         trainable_split(spec, family, FreezeConfig(frozen=[r"mlp\.gat_proj"]))
     with pytest.raises(ConfigError, match="not a valid regular expression"):
@@ -108,7 +116,7 @@ def test_precomputed_reference_gives_the_live_reference_run_without_reference_we
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
     tables = sorted(p.name for p in (tmp_path / "pre" / "reference_logps").iterdir())
     assert [t.split("-")[0] for t in tables] == ["eval", "train"]
-    model_bytes = 4 * maxdpo.components.build_spec(maxdpo.config.load_config(None, [])).num_params()
+    model_bytes = 4 * architecture_from_config(load_config(None, [])).num_params()
     assert np.median(live_bytes["live"]) - np.median(live_bytes["precomputed"]) >= 0.9 * model_bytes
 
     # a new run (steps extended, hence a fresh folder) on the same data and reference reuses the table
@@ -146,8 +154,8 @@ def test_bf16_compute_keeps_fp32_master_weights(tmp_path):
     # fp32 master weights take updates far below bf16's resolution of the weights
     assert train.main(BASE + ["model.dtype=bfloat16", "optimizer.learning_rate=1e-6", "optimizer.max_grad_norm=0",
                               f"run.output_dir={tmp_path / 'tiny_lr'}"]) == 0
-    initial = maxdpo.components.init_params(maxdpo.components.build_spec(maxdpo.config.load_config(None, [])),
-                                            None, 0)
+    default = load_config(None, [])
+    initial = init_params(build_train_program(default, make_mesh(default.mesh, jax.devices()[:1]), 1), seed=0)
     moved = load_file(tmp_path / "tiny_lr" / "hf" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
     start = np.asarray(initial["layers"]["attn"]["q_proj"][0]).reshape(moved.shape[1], -1).T
     delta = np.abs(moved - start)

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from hf_models import maxdpo_params, tiny_hf, tiny_llama
 from maxdpo.config import FreezeConfig
+from maxdpo.data.batch import Batch
 from maxdpo.data.sources import resolve_path
 from maxdpo.dpo.freeze import trainable_split
 from maxdpo.dpo.losses import LossHyper
@@ -82,9 +83,9 @@ def maxdpo_batch(trl_batch):
         chosen, rejected = np.split(values.astype(np.int32), 2)
         return np.stack([chosen, rejected], axis=1)  # [B, 2, T]
     attention = pairs(trl_batch["attention_mask"])
-    return {"input_ids": pairs(trl_batch["input_ids"]), "positions": np.maximum(np.cumsum(attention, -1) - 1, 0),
-            "segment_ids": attention, "completion_mask": pairs(trl_batch["completion_mask"]),
-            "pair_mask": np.ones((attention.shape[0], 1), np.float32)}
+    return Batch(input_ids=pairs(trl_batch["input_ids"]), positions=np.maximum(np.cumsum(attention, -1) - 1, 0),
+                 segment_ids=attention, completion_mask=pairs(trl_batch["completion_mask"]),
+                 pair_mask=np.ones((attention.shape[0], 1), np.float32))
 
 
 def maxdpo_step(tmp, batch, loss, beta, smoothing, sft_weight, aux_coef=0.0, num_micro=1):

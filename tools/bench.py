@@ -24,17 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxdpo import components
-from maxdpo.config import load_config
-from maxdpo.data.loader import BATCH_FIELDS, collate
+from maxdpo.configure import load_config
+from maxdpo.data.batch import Batch
+from maxdpo.data.loader import collate
 from maxdpo.data.prefix_sharing import collate_shared
 from maxdpo.data.tokenize import TokenizedPair
-from maxdpo.dpo.freeze import trainable_split
-from maxdpo.dpo.optim import make_optimizer, optimizer_state_shardings
-from maxdpo.dpo.step import make_train_step
 from maxdpo.flops import dpo_step_flops
-from maxdpo.models.registry import get_family
-from maxdpo.sharding import batch_sharding, data_parallel_size, make_mesh, replicated
+from maxdpo.program import build_train_program
+from maxdpo.sharding import make_mesh
+from maxdpo.weights import init_params, reference_params
 
 PEAK_BF16_TFLOPS = {  # dense bf16 per chip, vendor figures
     "H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
@@ -63,7 +61,7 @@ def measured_peak(size: int = 8192, iters: int = 20) -> float:
 
 
 def synthetic_batch(rows: int, seq: int, prompt: int, vocab: int, shared: bool, precompute: bool,
-                    seed: int = 0) -> dict:
+                    seed: int = 0) -> Batch:
     """One pair per row, chosen and rejected of `seq` tokens sharing the first `prompt`; every token real.
     With prefix sharing the row is prompt | chosen | rejected (prompt + 2 x completion tokens)."""
     rng = np.random.default_rng(seed)
@@ -78,7 +76,7 @@ def synthetic_batch(rows: int, seq: int, prompt: int, vocab: int, shared: bool, 
     else:
         batch = collate([[pair] for pair in pairs], seq, 1, pad_id=0)
     if precompute:
-        batch["ref_logps"] = rng.normal(-50.0, 5.0, (rows, 1, 2)).astype(np.float32)
+        batch = batch.replace(ref_logps=rng.normal(-50.0, 5.0, (rows, 1, 2)).astype(np.float32))
     return batch
 
 
@@ -98,35 +96,23 @@ def main(argv=None) -> int:
     if args.config and "=" in args.config:  # only overrides were given
         args.overrides, args.config = [args.config, *args.overrides], None
 
-    cfg = load_config(args.config, args.overrides)
-    rows = args.rows or cfg.trainer.batch_size
+    overrides = list(args.overrides) + ([f"trainer.batch_size={args.rows}"] if args.rows else [])
+    cfg = load_config(args.config, overrides)
+    rows = cfg.trainer.batch_size
     seq = args.seq or cfg.data.max_length
     prompt = seq // 2 if args.prompt is None else args.prompt
-    mesh, rules = make_mesh(cfg.mesh), cfg.mesh.logical_axis_rules
-    spec = components.build_spec(cfg)
-    graphdef, _, param_shardings = components.param_shardings(spec, mesh, rules)
     precompute = cfg.reference.precompute
-    micro = cfg.trainer.micro_batch_size or rows
-    optimizer, schedule = make_optimizer(cfg.optimizer, args.warmup + args.steps)
-    split = trainable_split(spec, get_family(spec.family), cfg.freeze)
-    settings = components.loss_settings(cfg)
-    step = make_train_step(graphdef, settings, optimizer, schedule, rows // micro, split)
+    program = build_train_program(cfg, make_mesh(cfg.mesh), args.warmup + args.steps)
+    spec = program.spec
 
-    with jax.set_mesh(mesh):
-        params = components.init_params(spec, param_shardings, cfg.run.seed)
-        ref_params = None if precompute else components.copy_params(params)
-        state = {"step": jnp.asarray(0, jnp.int32), "params": params,
-                 "opt_state": jax.jit(optimizer.init, out_shardings=optimizer_state_shardings(
-                     optimizer, split.trainable(params), split.trainable(param_shardings), replicated(mesh)))(
-                         split.trainable(params))}
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    with program.mesh_context():
+        params = init_params(program, cfg.run.seed)
+        ref_params = reference_params(program, params) if program.reference_model else None
+        state = program.init_state(params)
         host_batch = synthetic_batch(rows, seq, prompt, spec.vocab_size, cfg.data.prefix_sharing, precompute)
-        batch_shardings = {k: batch_sharding(mesh, rules, BATCH_FIELDS[k]) for k in host_batch}
-        batch = {k: jax.device_put(v, batch_shardings[k]) for k, v in host_batch.items()}
-        jitted = jax.jit(step, in_shardings=(state_shardings, None if precompute else param_shardings, batch_shardings),
-                         out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+        batch = jax.device_put(host_batch, program.batch_sharding)
         start = time.perf_counter()
-        compiled = jitted.lower(state, ref_params, batch).compile()
+        compiled = program.train_step.lower(state, ref_params, batch).compile()
         compile_s = time.perf_counter() - start
         times = []
         for index in range(args.warmup + args.steps):
@@ -139,14 +125,14 @@ def main(argv=None) -> int:
     step_s = statistics.median(times)
     device = jax.devices()[0]
     tokens = rows * 2 * seq
-    flops = dpo_step_flops(spec, rows, seq, reference=not precompute)
+    flops = dpo_step_flops(spec, rows, seq, reference=program.reference_model)
     footprint = compiled.memory_analysis()
     result = dict(
-        device=device.device_kind, devices=jax.device_count(), mesh=dict(mesh.shape),
-        data_parallel=data_parallel_size(mesh, rules), model=spec.family, params=spec.num_params(),
-        layers=spec.num_layers, rows=rows, seq=seq, prompt=prompt, micro_batch=micro, dtype=cfg.model.dtype,
-        prefix_sharing=cfg.data.prefix_sharing,
-        attention=spec.attention, moe_impl=spec.moe_impl, remat=spec.remat, precompute_reference=precompute,
+        device=device.device_kind, devices=jax.device_count(), mesh=dict(program.mesh.shape),
+        data_parallel=program.data_parallel, model=spec.family, params=spec.num_params(),
+        layers=spec.num_layers, rows=rows, seq=seq, prompt=prompt, micro_batch=cfg.trainer.micro_batch,
+        dtype=cfg.model.dtype, prefix_sharing=cfg.data.prefix_sharing, attention=program.execution.attention,
+        moe_impl=program.execution.moe_impl, remat=program.execution.remat, precompute_reference=precompute,
         compile_s=compile_s, step_s=step_s, step_s_all=times, tokens_per_s=tokens / step_s,
         model_tflops_per_step=flops / 1e12, achieved_tflops_per_device=flops / step_s / jax.device_count() / 1e12,
         compiled_bytes_per_device=dict(arguments=footprint.argument_size_in_bytes, temps=footprint.temp_size_in_bytes,

@@ -29,7 +29,7 @@ import yaml
 from datasets import Dataset
 
 from maxdpo import train
-from maxdpo.config import load_config
+from maxdpo.configure import load_config
 from maxdpo.data.sources import resolve_path
 
 

@@ -106,7 +106,7 @@ class Matrix:
 def scan(path: str | Path, score: str = "laserrmt", families: tuple[str, ...] = ()) -> list[Matrix]:
     """SNR of every decoder-layer Linear weight of the HF folder `path` (whose names contain a `families` entry)."""
     family, spec = spec_from_pretrained(path)
-    reader = CheckpointReader(path, spec, family)  # checks every tensor's presence and shape up front
+    reader = CheckpointReader(path, spec, family, np.float32)  # checks every tensor's presence and shape up front
     matrices = []
     for entry in family.param_entries(spec):
         if "layer" not in entry.indexed_axes or entry.linear_in_ndim is None:

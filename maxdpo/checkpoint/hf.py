@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from maxdpo.atomic import write_text
 from maxdpo.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from maxdpo.models.family import Family, ParamEntry
 from maxdpo.models.registry import family_for_model_type, get_family
-from maxdpo.models.spec import ModelSpec
+from maxdpo.models.spec import Architecture, Execution
 from maxdpo.models.transformer import Transformer, abstract_model
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,8 +40,8 @@ def read_hf_config(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def spec_from_pretrained(path: str | os.PathLike, **runtime) -> tuple[Family, ModelSpec]:
-    """The family and ModelSpec described by `path/config.json`; `runtime` sets dtype, remat, etc."""
+def spec_from_pretrained(path: str | os.PathLike) -> tuple[Family, Architecture]:
+    """The family and Architecture described by `path/config.json`."""
     config = read_hf_config(path)
     source = Path(path) / "config.json"
     try:
@@ -48,7 +49,7 @@ def spec_from_pretrained(path: str | os.PathLike, **runtime) -> tuple[Family, Mo
     except ValueError as err:
         raise CheckpointError(str(err)) from err
     try:
-        return family, ModelSpec(family=family.name, **family.spec_from_hf(config), **runtime)
+        return family, Architecture(family=family.name, **family.spec_from_hf(config))
     except KeyError as err:
         raise CheckpointError(f"{source} lacks the key {err} that a '{family.name}' model needs") from err
     except ValueError as err:
@@ -101,11 +102,11 @@ class CheckpointReader:
     Every tensor's presence and shape is checked up front, before anything is read or allocated.
     """
 
-    def __init__(self, path: str | os.PathLike, spec: ModelSpec, family: Family):
+    def __init__(self, path: str | os.PathLike, spec: Architecture, family: Family, param_dtype):
         self.path, self.spec, self.family = Path(path), spec, family
         self.locations = tensor_locations(self.path)
         self.opened: dict[Path, SafetensorsFile] = {}
-        self.shapes = abstract_model(spec)[1]
+        self.shapes = abstract_model(spec, Execution(param_dtype=param_dtype))[1]
         for entry in family.param_entries(spec):
             for _, name in entry.tensors(spec):
                 self._check(entry, name)
@@ -136,7 +137,7 @@ class CheckpointReader:
                                   f"{shape} for {self.family.name} with this config.json")
 
     def read(self, entry: ParamEntry, name: str) -> np.ndarray:
-        """One HF tensor in our layout and `spec.param_dtype`."""
+        """One HF tensor in our layout and the parameter dtype."""
         tensor = self._file(name).get(name)
         return _hf_to_ours(entry, np.asarray(tensor, dtype=self.target(entry).dtype), self.tensor_shape(entry))
 
@@ -158,9 +159,9 @@ class CheckpointReader:
         return blocks
 
 
-def load_params(path: str | os.PathLike, spec: ModelSpec, family: Family) -> dict:
-    """Nested dict of numpy arrays in `spec.param_dtype`, read tensor by tensor into one array per parameter."""
-    reader = CheckpointReader(path, spec, family)
+def load_params(path: str | os.PathLike, spec: Architecture, family: Family, param_dtype=jnp.float32) -> dict:
+    """Nested dict of numpy arrays in `param_dtype`, read tensor by tensor into one array per parameter."""
+    reader = CheckpointReader(path, spec, family, param_dtype)
     params: dict = {}
     for entry in family.param_entries(spec):
         target = reader.target(entry)
@@ -171,10 +172,11 @@ def load_params(path: str | os.PathLike, spec: ModelSpec, family: Family) -> dic
     return params
 
 
-def load_params_sharded(path: str | os.PathLike, spec: ModelSpec, family: Family, shardings: dict) -> dict:
-    """Parameters placed straight onto their shards: each process reads only the tensors its devices need and
-    keeps only its own blocks, so no host ever holds the whole model."""
-    reader = CheckpointReader(path, spec, family)
+def load_params_sharded(path: str | os.PathLike, spec: Architecture, family: Family, shardings: dict,
+                        param_dtype) -> dict:
+    """Parameters in `param_dtype` placed straight onto their shards: each process reads only the tensors its
+    devices need and keeps only its own blocks, so no host ever holds the whole model."""
+    reader = CheckpointReader(path, spec, family, param_dtype)
     params: dict = {}
     for entry in family.param_entries(spec):
         shape, sharding = reader.target(entry).shape, _get_path(shardings, entry.path)
@@ -193,18 +195,20 @@ def _block_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple:
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", param_dtype: str = "float32",
                     **runtime) -> Transformer:
-    """A Transformer with the weights of the HF folder `path` (family from its config.json)."""
-    family, spec = spec_from_pretrained(path, dtype=to_dtype(dtype), param_dtype=to_dtype(param_dtype), **runtime)
-    params = load_params(path, spec, family)
-    return nnx.merge(abstract_model(spec)[0], jax.tree.map(jnp.asarray, params))
+    """A Transformer with the weights of the HF folder `path` (family from its config.json); `runtime` sets the
+    other `Execution` fields (attention, moe_impl, remat, scan_layers, logits_chunk)."""
+    family, spec = spec_from_pretrained(path)
+    execution = Execution(dtype=to_dtype(dtype), param_dtype=to_dtype(param_dtype), **runtime)
+    params = load_params(path, spec, family, execution.param_dtype)
+    return nnx.merge(abstract_model(spec, execution)[0], jax.tree.map(jnp.asarray, params))
 
 
-def hf_config_dict(spec: ModelSpec, family: Family, dtype) -> dict:
+def hf_config_dict(spec: Architecture, family: Family, dtype) -> dict:
     return {"architectures": [family.architecture], "model_type": family.model_types[0],
             "dtype": jnp.dtype(dtype).name, **family.hf_config(spec)}
 
 
-def _hf_tensors(spec: ModelSpec, family: Family, params: dict, dtype):
+def _hf_tensors(spec: Architecture, family: Family, params: dict, dtype):
     """Yields (hf_name, numpy array) one tensor at a time."""
     for entry in family.param_entries(spec):
         array = _get_path(params, entry.path)
@@ -235,17 +239,18 @@ def write_shards(out: Path, tensors: Iterable[tuple[str, np.ndarray]], sizes: li
         weight_map[name] = names[shard_index]
     write_safetensors(out / names[current], pending, {"format": "pt"})
     if num_shards > 1:
-        with open(out / INDEX_FILE, "w") as f:
-            json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        write_text(out / INDEX_FILE, json.dumps(index, indent=2))
 
 
-def save_params(spec: ModelSpec, params: dict, out_dir: str | os.PathLike, dtype: Optional[str] = None,
+def save_params(spec: Architecture, params: dict, out_dir: str | os.PathLike, dtype: Optional[str] = None,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Writes config.json and safetensors shards (with an index when more than one) to `out_dir`."""
+    """Writes config.json and safetensors shards (with an index when more than one) to `out_dir`, in `dtype`
+    (default: the parameters' own)."""
     family = get_family(spec.family)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    np_dtype = np.dtype(to_dtype(dtype) or spec.param_dtype)
+    np_dtype = np.dtype(to_dtype(dtype) or jax.tree.leaves(params)[0].dtype)
     shapes = abstract_model(spec)[1]
     sizes = []  # plan shards from shapes alone
     for entry in family.param_entries(spec):
@@ -253,8 +258,7 @@ def save_params(spec: ModelSpec, params: dict, out_dir: str | os.PathLike, dtype
         tensors = entry.tensors(spec)
         sizes += [math.prod(shape) // len(tensors) * np_dtype.itemsize] * len(tensors)
     write_shards(out, _hf_tensors(spec, family, params, np_dtype), sizes, max_shard_bytes)
-    with open(out / "config.json", "w") as f:
-        json.dump(hf_config_dict(spec, family, np_dtype), f, indent=2)
+    write_text(out / "config.json", json.dumps(hf_config_dict(spec, family, np_dtype), indent=2))
     return out
 
 

@@ -14,6 +14,8 @@ from typing import Iterable
 import ml_dtypes
 import numpy as np
 
+from maxdpo.atomic import atomic_path
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
@@ -67,7 +69,7 @@ class SafetensorsFile:
 
 def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]],
                       metadata: dict | None = None) -> None:
-    """Writes (name, array) pairs to `path` (via a temporary file, then an atomic rename)."""
+    """Writes (name, array) pairs to `path` atomically."""
     tensors = list(tensors)
     header, offset = {}, 0
     for name, array in tensors:
@@ -79,10 +81,8 @@ def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.n
         header["__metadata__"] = metadata
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for _, array in tensors:
             f.write(np.ascontiguousarray(array).tobytes())
-    os.replace(tmp, path)

@@ -13,18 +13,6 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from maxdpo.models.spec import ModelSpec
-
-
-def spec_to_meta(spec: ModelSpec) -> dict:
-    fields = {name: getattr(spec, name) for name in ModelSpec.ARCHITECTURE_FIELDS}
-    fields["rope_scaling"] = dict(spec.rope_scaling) if spec.rope_scaling else None
-    return {"family": spec.family, **fields}
-
-
-def spec_from_meta(meta: dict, **runtime) -> ModelSpec:
-    fields = {name: meta[name] for name in ModelSpec.ARCHITECTURE_FIELDS if name in meta}
-    return ModelSpec(family=meta["family"], **fields, **runtime)
 
 
 class CheckpointStore:

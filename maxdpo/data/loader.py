@@ -7,14 +7,9 @@ fills it with empty rows). Each batch is padded to the smallest bucket length (p
 max_length) that holds its longest row, so the jitted step compiles for a few shapes only, and every
 process pads to the same length. Process p of P builds rows [p*R/P, (p+1)*R/P) of each batch.
 
-A batch (this process's r rows; K pair slots per row: 1, or more when packing) holds
-  input_ids        [r, 2, T] int32   row 0: the chosen sequences, row 1: the rejected ones
-  positions        [r, 2, T] int32   restarting at 0 for each packed pair
-  segment_ids      [r, 2, T] int32   k+1 on the tokens of the row's pair slot k, 0 on padding
-  completion_mask  [r, 2, T] int32   1 on completion tokens (the tokens whose log-probs count)
-  pair_mask        [r, K]    float32 1 for the slots that hold a pair
-  ref_logps        [r, K, 2] float32 precomputed reference logps (chosen, rejected), when given a table
-Packing puts a pair's chosen sequence in the chosen row and its rejected sequence in the rejected row,
+A batch is a `batch.Batch` of this process's rows. In the paired layout (`collate`) positions restart at
+0 for each packed pair, segment ids are k+1 on the tokens of the row's pair slot k (0 on padding), and
+completion_mask is 1 on completion tokens (the tokens whose log-probs count). Packing puts a pair's chosen sequence in the chosen row and its rejected sequence in the rejected row,
 in the same slot, so a pair is always (chosen slot k, rejected slot k) of one row. With
 `data.prefix_sharing` a pair is one row `prompt | chosen | rejected` instead (prefix_sharing.py).
 """
@@ -26,14 +21,11 @@ from typing import Optional
 import grain
 import numpy as np
 
+from maxdpo.data.batch import PAIRED, Batch, empty_batch, layout_of, longest_row
 from maxdpo.data.prefix_sharing import collate_shared, sequence_tokens, shared_row_lengths
 from maxdpo.data.sources import DataError
 from maxdpo.data.store import PairStore
 from maxdpo.data.tokenize import TokenizedPair
-
-BATCH_FIELDS = {"input_ids": 3, "positions": 3, "segment_ids": 3, "completion_mask": 3, "pair_mask": 2, "ref_logps": 3,
-                "prefix_target": 3}
-
 
 def bucket_lengths(max_length: int, smallest: int = 16) -> list[int]:
     """Powers of two from `smallest` up to `max_length`, and `max_length` itself."""
@@ -56,9 +48,12 @@ class BatchPlan:
     prefix_sharing: bool = False  # one row per pair: prompt | chosen | rejected (prefix_sharing.py)
 
     @property
+    def layout(self) -> str:
+        return layout_of(self.prefix_sharing)
+
+    @property
     def row_length(self) -> int:
-        """Longest row: one sequence, or with prefix sharing both sequences of a pair (the prompt once)."""
-        return 2 * self.max_length if self.prefix_sharing else self.max_length
+        return longest_row(self.layout, self.max_length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,24 +151,20 @@ def eval_schedule(store: PairStore, plan: BatchPlan) -> Schedule:
     return _schedule(lengths, [rows], plan.batch_size, plan.row_length, keep_partial=True)
 
 
-def collate(rows: list[list[TokenizedPair]], length: int, slots: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Lays out rows of pairs (see the module docstring) padded to `length`."""
-    count = len(rows)
-    batch = {name: np.zeros((count, 2, length), np.int32)
-             for name in ("input_ids", "positions", "segment_ids", "completion_mask")}
-    batch["input_ids"][:] = pad_id
-    batch["pair_mask"] = np.zeros((count, slots), np.float32)
+def collate(rows: list[list[TokenizedPair]], length: int, slots: int, pad_id: int) -> Batch:
+    """Lays out rows of pairs in the paired layout (see the module docstring) padded to `length`."""
+    batch = empty_batch(PAIRED, len(rows), length, slots, pad_id)
     for r, pairs in enumerate(rows):
         cursor = [0, 0]
         for slot, pair in enumerate(pairs):
-            batch["pair_mask"][r, slot] = 1.0
+            batch.pair_mask[r, slot] = 1.0
             for side, (sequence, prompt_len) in enumerate(((pair.chosen, pair.chosen_prompt_len),
                                                            (pair.rejected, pair.rejected_prompt_len))):
                 start, end = cursor[side], cursor[side] + len(sequence)
-                batch["input_ids"][r, side, start:end] = sequence
-                batch["positions"][r, side, start:end] = np.arange(len(sequence))
-                batch["segment_ids"][r, side, start:end] = slot + 1
-                batch["completion_mask"][r, side, start + prompt_len:end] = 1
+                batch.input_ids[r, side, start:end] = sequence
+                batch.positions[r, side, start:end] = np.arange(len(sequence))
+                batch.segment_ids[r, side, start:end] = slot + 1
+                batch.completion_mask[r, side, start + prompt_len:end] = 1
                 cursor[side] = end
     return batch
 
@@ -183,11 +174,10 @@ class BatchBuilder:
     """Builds one process's share of a scheduled global batch."""
     store: PairStore
     schedule: Schedule
-    pad_id: int
+    plan: BatchPlan
     process_index: int = 0
     process_count: int = 1
     reference_logps: Optional[np.ndarray] = None  # [pairs, 2] precomputed reference logps, added to batches
-    prefix_sharing: bool = False
 
     def __post_init__(self):
         rows = self.schedule.rows.shape[1]
@@ -199,20 +189,20 @@ class BatchBuilder:
         share = self.schedule.rows.shape[1] // self.process_count
         return self.schedule.rows[step, self.process_index * share:(self.process_index + 1) * share]
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
+    def __call__(self, step: int) -> Batch:
         indices = self.pair_indices(step)
         rows = [[self.store.pair(i) for i in row if i >= 0] for row in indices]
-        layout = collate_shared if self.prefix_sharing else collate
-        batch = layout(rows, int(self.schedule.lengths[step]), self.schedule.rows.shape[2], self.pad_id)
+        layout = collate_shared if self.plan.prefix_sharing else collate
+        batch = layout(rows, int(self.schedule.lengths[step]), self.schedule.rows.shape[2], self.plan.pad_id)
         if self.reference_logps is not None:
-            batch["ref_logps"] = np.where(indices[..., None] >= 0, self.reference_logps[np.maximum(indices, 0)], 0.0)
+            batch = batch.replace(ref_logps=np.where(indices[..., None] >= 0,
+                                                     self.reference_logps[np.maximum(indices, 0)], 0.0))
         return batch
 
 
-def batch_tokens(batch: dict[str, np.ndarray]) -> int:
+def batch_tokens(batch: Batch) -> int:
     """Chosen + rejected tokens in a batch (a shared prompt counted twice), so layouts compare in tokens/s."""
-    segment_ids = batch["segment_ids"]
-    return sequence_tokens(segment_ids) if segment_ids.shape[1] == 1 else int(np.count_nonzero(segment_ids))
+    return sequence_tokens(batch.segment_ids) if batch.shared else int(np.count_nonzero(batch.segment_ids))
 
 
 def batch_dataset(builder: BatchBuilder) -> grain.MapDataset:
@@ -233,7 +223,7 @@ class BatchIterator:
     def __iter__(self) -> "BatchIterator":
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> Batch:
         return next(self._iterator)
 
     def state(self) -> dict:

@@ -8,14 +8,14 @@ longest common start of the two prompts (normally the whole prompt).
 
 The first rejected token is predicted by the last prompt token, not by its left neighbour (the last
 chosen token): its id goes into `prefix_target` at the last prompt position, and its
-`completion_mask` entry (which means "predicted by the token on its left") is 0. Layout, side axis 1:
-  input_ids, positions, segment_ids, completion_mask, prefix_target (-1: none)  [r, 1, T] int32
-  pair_mask [r, K] float32
+`completion_mask` entry (which means "predicted by the token on its left") is 0. The batch has the
+`batch.SHARED` layout.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from maxdpo.data.batch import SHARED, Batch, empty_batch
 from maxdpo.data.store import PairStore
 from maxdpo.data.tokenize import TokenizedPair
 from maxdpo.kernels.attention_blocks import PREFIX_GROUP
@@ -42,18 +42,13 @@ def sequence_tokens(segment_ids: np.ndarray) -> int:
     return int(np.count_nonzero(real) + np.count_nonzero(real & (segment_ids % PREFIX_GROUP == PROMPT)))
 
 
-def collate_shared(rows: list[list[TokenizedPair]], length: int, slots: int, pad_id: int) -> dict[str, np.ndarray]:
+def collate_shared(rows: list[list[TokenizedPair]], length: int, slots: int, pad_id: int) -> Batch:
     """Rows of pairs in the shared layout above, padded to `length`."""
-    count = len(rows)
-    batch = {name: np.zeros((count, 1, length), np.int32)
-             for name in ("input_ids", "positions", "segment_ids", "completion_mask")}
-    batch["input_ids"][:] = pad_id
-    batch["prefix_target"] = np.full((count, 1, length), -1, np.int32)
-    batch["pair_mask"] = np.zeros((count, slots), np.float32)
+    batch = empty_batch(SHARED, len(rows), length, slots, pad_id)
     for r, pairs in enumerate(rows):
         cursor = 0
         for slot, pair in enumerate(pairs):
-            batch["pair_mask"][r, slot] = 1.0
+            batch.pair_mask[r, slot] = 1.0
             shared = shared_prompt_length(pair)
             parts = ((PROMPT, pair.chosen[:shared], 0, shared),  # (branch, tokens, first position, prompt length)
                      (CHOSEN, pair.chosen[shared:], shared, pair.chosen_prompt_len),
@@ -61,13 +56,13 @@ def collate_shared(rows: list[list[TokenizedPair]], length: int, slots: int, pad
             for branch, tokens, first, prompt_len in parts:
                 start, end = cursor, cursor + len(tokens)
                 positions = np.arange(first, first + len(tokens))
-                batch["input_ids"][r, 0, start:end] = tokens
-                batch["positions"][r, 0, start:end] = positions
-                batch["segment_ids"][r, 0, start:end] = PREFIX_GROUP * (slot + 1) + branch
-                batch["completion_mask"][r, 0, start:end] = positions >= prompt_len
+                batch.input_ids[r, 0, start:end] = tokens
+                batch.positions[r, 0, start:end] = positions
+                batch.segment_ids[r, 0, start:end] = PREFIX_GROUP * (slot + 1) + branch
+                batch.completion_mask[r, 0, start:end] = positions >= prompt_len
                 if len(tokens) and (first == 0 or branch == REJECTED):  # not predicted by its left neighbour
-                    batch["completion_mask"][r, 0, start] = 0
+                    batch.completion_mask[r, 0, start] = 0
                     if first > 0 and first >= prompt_len:  # a completion token: the last prompt token predicts it
-                        batch["prefix_target"][r, 0, start - len(pair.chosen) + shared - 1] = tokens[0]
+                        batch.prefix_target[r, 0, start - len(pair.chosen) + shared - 1] = tokens[0]
                 cursor = end
     return batch

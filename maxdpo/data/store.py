@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from maxdpo.atomic import atomic_path
 from maxdpo.data.tokenize import TokenizedPair
 
 
@@ -40,11 +40,9 @@ class PairStore:
     def save(self, path: Path, report: dict) -> None:
         """Writes atomically: readers see the old file or the complete new one."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, report=np.asarray(json.dumps(report)),
                      **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> tuple["PairStore", dict]:

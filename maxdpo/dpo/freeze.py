@@ -18,7 +18,7 @@ from flax import traverse_util
 
 from maxdpo.config import ConfigError, FreezeConfig
 from maxdpo.models.family import Family
-from maxdpo.models.spec import ModelSpec
+from maxdpo.models.spec import Architecture
 
 SEPARATOR = "/"
 Mask = Union[bool, np.ndarray]  # True: all trainable, False: frozen, array: per (layer, expert) slice
@@ -74,7 +74,7 @@ class TrainableSplit:
         return f"{trainable / 1e6:.3f}M of {total / 1e6:.3f}M parameters trainable"
 
 
-def trainable_split(spec: ModelSpec, family: Family, cfg: FreezeConfig) -> TrainableSplit:
+def trainable_split(spec: Architecture, family: Family, cfg: FreezeConfig) -> TrainableSplit:
     """Masks from the config's patterns; a pattern that matches no tensor of this model is an error."""
     trainable = _compile(cfg.trainable, "freeze.trainable")
     frozen = _compile(cfg.frozen, "freeze.frozen")

@@ -121,20 +121,36 @@ def dpop_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     return -log_sigmoid(h.beta * (x.delta - h.dpop_lambda * jax.nn.relu(-x.chosen_logratios)))
 
 
-LOSSES: dict[str, Callable[[PairLogps, LossHyper], jax.Array]] = {
-    "sigmoid": sigmoid_loss,
-    "ipo": ipo_loss,
-    "hinge": hinge_loss,
-    "robust": robust_loss,
-    "exo_pair": exo_pair_loss,
-    "nca_pair": nca_pair_loss,
-    "bco_pair": bco_pair_loss,
-    "sppo_hard": sppo_hard_loss,
-    "apo_zero": apo_zero_loss,
-    "apo_down": apo_down_loss,
-    "sigmoid_norm": sigmoid_norm_loss,
-    "sft": sft_loss,
-    "dpop": dpop_loss,
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """What maxdpo knows about one loss: its function, its title (model card), the `dpo.*` hyper-parameters
+    it reads besides beta, those it cannot do without (> 0), whether it needs a reference model, and whether
+    it trains on single completions (no rejected side: SFT data) instead of preference pairs."""
+    fn: Callable[[PairLogps, LossHyper], jax.Array]
+    title: str
+    reads: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    needs_reference: bool = True
+    completions: bool = False
+    hint: str = ""  # said with a missing required hyper-parameter
+
+
+SMOOTHING = ("label_smoothing",)
+LOSSES: dict[str, Loss] = {
+    "sigmoid": Loss(sigmoid_loss, "DPO (Direct Preference Optimization)", reads=SMOOTHING),
+    "ipo": Loss(ipo_loss, "IPO"),
+    "hinge": Loss(hinge_loss, "SLiC (hinge)"),
+    "robust": Loss(robust_loss, "robust DPO", reads=SMOOTHING),
+    "exo_pair": Loss(exo_pair_loss, "EXO", reads=SMOOTHING, requires=SMOOTHING,
+                     hint="its target distribution is [1 - ε, ε]; TRL suggests 1e-3"),
+    "nca_pair": Loss(nca_pair_loss, "NCA"),
+    "bco_pair": Loss(bco_pair_loss, "BCO"),
+    "sppo_hard": Loss(sppo_hard_loss, "SPPO"),
+    "apo_zero": Loss(apo_zero_loss, "APO-zero"),
+    "apo_down": Loss(apo_down_loss, "APO-down"),
+    "sigmoid_norm": Loss(sigmoid_norm_loss, "length-normalised DPO"),
+    "sft": Loss(sft_loss, "supervised fine-tuning", needs_reference=False, completions=True),
+    "dpop": Loss(dpop_loss, "DPOP (DPO-Positive)", reads=("dpop_lambda",)),
 }
 LOSS_NAMES = tuple(LOSSES)
 
@@ -144,7 +160,7 @@ def preference_loss(name: str, x: PairLogps, hyper: LossHyper, sft_weight: float
     if name not in LOSSES:
         raise ValueError(f"unknown dpo.loss {name!r}; supported: {list(LOSS_NAMES)}")
     x = PairLogps(*(jnp.asarray(value, jnp.float32) for value in x))
-    losses = LOSSES[name](x, hyper)
+    losses = LOSSES[name].fn(x, hyper)
     if sft_weight:
         losses = losses + sft_weight * sft_loss(x, hyper)
     return losses

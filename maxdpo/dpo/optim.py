@@ -14,16 +14,18 @@ def warmup_steps(cfg: OptimizerConfig, total_steps: int) -> int:
     return cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
 
 
+# `optimizer.schedule`: (peak learning rate, steps after warmup) -> the schedule after warmup.
+DECAYS = {
+    "linear": lambda peak, steps: optax.linear_schedule(peak, 0.0, steps),
+    "cosine": optax.cosine_decay_schedule,
+    "constant": lambda peak, steps: optax.constant_schedule(peak),
+}
+
+
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0, then linear/cosine decay to 0 at `total_steps`, or constant."""
     warmup = min(warmup_steps(cfg, total_steps), total_steps)
-    decay_steps = max(total_steps - warmup, 1)
-    if cfg.schedule == "linear":
-        decay = optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)
-    elif cfg.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps)
-    else:
-        decay = optax.constant_schedule(cfg.learning_rate)
+    decay = DECAYS[cfg.schedule](cfg.learning_rate, max(total_steps - warmup, 1))
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])

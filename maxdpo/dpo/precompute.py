@@ -6,19 +6,21 @@ and the compute dtype), so a resumed run reuses the table and a changed referenc
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable
 
-import jax
 import numpy as np
 
+from maxdpo.atomic import atomic_path
 from maxdpo.config import Config
 from maxdpo.data.loader import BatchBuilder
+from maxdpo.data.run_data import RunData, every_pair_once
 from maxdpo.data.sources import resolve_path
+from maxdpo.program import TrainProgram
 
 log = logging.getLogger("maxdpo")
 
@@ -44,16 +46,15 @@ def cache_path(run_dir: Path, split: str, data_fingerprint: str, cfg: Config) ->
     return run_dir / "reference_logps" / f"{split}-{key}.npy"
 
 
-def compute_table(reference_logps: Callable, ref_params: dict, builder: BatchBuilder,
-                  to_global: Callable[[dict], dict]) -> np.ndarray:
+def compute_table(program: TrainProgram, ref_params: dict, builder: BatchBuilder) -> np.ndarray:
     """[pairs, 2] reference logps (chosen, rejected) of every pair of `builder`'s store.
 
-    `builder` walks an evaluation schedule (every pair once); `reference_logps` returns the logps of the
-    whole global batch on every process.
+    `builder` walks an evaluation schedule (every pair once); `program.reference_logps` returns the logps of
+    the whole global batch on every process.
     """
     table = np.full((len(builder.store), 2), np.nan, np.float32)
     for step in range(len(builder.schedule)):
-        logps = np.asarray(reference_logps(ref_params, to_global(builder(step))))  # [B*K, 2]
+        logps = np.asarray(program.reference_logps(ref_params, program.global_batch(builder(step))))  # [B*K, 2]
         pairs = builder.schedule.rows[step].reshape(-1)  # global pair index of each slot
         table[pairs[pairs >= 0]] = logps[pairs >= 0]
     if np.isnan(table).any():
@@ -70,7 +71,18 @@ def load_or_compute(path: Path, compute: Callable[[], np.ndarray], what: str) ->
     log.info("reference logps for %s: one pass of the reference model", what)
     table = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{jax.process_index()}.npy")
-    np.save(tmp, table)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, table)
     return table
+
+
+def attach_reference_logps(program: TrainProgram, data: RunData, ref_params: dict, run_dir: Path) -> RunData:
+    """`data` whose batches carry the reference's logps, cached (or computed now, every pair once in micro
+    batches); the reference weights are needed only during this pass."""
+    builders = {}
+    for split, builder in data.builders().items():
+        path = cache_path(run_dir, split, data.fingerprints[split], program.cfg)
+        walk = every_pair_once(builder, program.cfg.trainer.micro_batch)
+        table = load_or_compute(path, lambda: compute_table(program, ref_params, walk), f"data.{split}")
+        builders[split] = dataclasses.replace(builder, reference_logps=table)
+    return dataclasses.replace(data, **builders)

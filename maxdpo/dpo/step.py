@@ -1,9 +1,8 @@
-"""The DPO train and eval steps: pure functions of (state, reference params, batch), jitted by the trainer.
+"""The DPO train and eval steps: pure functions of (state, reference params, batch), jitted by `maxdpo.program`.
 
 Chosen and rejected rows go through one forward ([B, 2, T] -> [2B, T], or [B, 1, T] prefix-shared rows);
 the reference's logps come from its own forward or, precomputed, from the batch (reference params
-None). Only the trainable part of
-the parameters (`TrainableSplit`) is differentiated and updated. Metrics are accumulated as sums
+None). Only the trainable part of the parameters (`TrainableSplit`) is differentiated and updated. Metrics are accumulated as sums
 over pairs and completion tokens and divided once, so gradient accumulation over micro-batches gives
 exactly the full-batch loss, gradients and metrics. Names and definitions follow TRL.
 """
@@ -17,9 +16,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from maxdpo.data.batch import Batch
 from maxdpo.dpo.logps import completion_logps, next_token_labels, shared_completion_logps, token_stats
 from maxdpo.dpo.freeze import TrainableSplit
-from maxdpo.dpo.losses import LossHyper, PairLogps, preference_loss
+from maxdpo.dpo.losses import LOSSES, LossHyper, PairLogps, preference_loss
 from maxdpo.kernels.attention_blocks import PREFIX_GROUP
 
 # Sums over pairs; divided by the number of pairs.
@@ -37,30 +37,29 @@ class LossSettings:
 
     @property
     def uses_reference(self) -> bool:
-        """SFT reads only the policy: no reference weights, forward pass or precomputed logps."""
-        return self.loss != "sft"
+        """False for reference-free losses (SFT): no reference weights, forward pass or precomputed logps."""
+        return LOSSES[self.loss].needs_reference
 
 
-def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch) -> dict[str, jax.Array]:
     """Forward pass over chosen and rejected rows ([B, 2, T]) or prefix-shared rows ([B, 1, T]): per-pair
     logps and logit sums, each [B*K, 2] for B rows of K pair slots; MoE models add the router
     load-balancing loss of the whole forward (`aux_loss`, a scalar, as transformers computes it)."""
-    rows, sides, seq = batch["input_ids"].shape
-    slots = batch["pair_mask"].shape[1]
-    flat = {name: batch[name].reshape(rows * sides, seq)  # [B*sides, T]
-            for name in ("input_ids", "positions", "segment_ids", "completion_mask")}
+    rows, slots = batch.rows, batch.slots
+    input_ids, segment_ids, completion_mask = (batch.flat(name) for name in
+                                               ("input_ids", "segment_ids", "completion_mask"))  # [B*sides, T]
     model = nnx.merge(graphdef, params)
-    hidden, aux_loss = model.hidden_states(flat["input_ids"], positions=flat["positions"],
-                                           segment_ids=flat["segment_ids"])  # [B*sides, T, D], []
-    labels = next_token_labels(flat["input_ids"])
-    extra = batch["prefix_target"][:, 0] if sides == 1 else None
-    tokens = token_stats(model.vocab_projection(), hidden, labels, extra, chunk=model.spec.logits_chunk)
-    if sides == 1:
-        sums = shared_completion_logps(tokens, flat["completion_mask"], flat["segment_ids"], extra, slots)
+    hidden, aux_loss = model.hidden_states(input_ids, positions=batch.flat("positions"), segment_ids=segment_ids,
+                                           shared_prefix=batch.shared)  # [B*sides, T, D], []
+    labels = next_token_labels(input_ids)
+    extra = batch.prefix_target[:, 0] if batch.shared else None
+    tokens = token_stats(model.vocab_projection(), hidden, labels, extra, chunk=model.execution.logits_chunk)
+    if batch.shared:
+        sums = shared_completion_logps(tokens, completion_mask, segment_ids, extra, slots)
         stats = {name: values.reshape(rows * slots, 2)  # [B, K, 2] -> [B*K, 2]
                  for name, values in zip(("logps", "logit_sums", "counts"), sums)}
     else:
-        sums = completion_logps(tokens, flat["completion_mask"], flat["segment_ids"], slots)
+        sums = completion_logps(tokens, completion_mask, segment_ids, slots)
 
         def per_pair(values):  # [2B, K] -> [B*K, 2]
             return values.reshape(rows, 2, slots).transpose(0, 2, 1).reshape(rows * slots, 2)
@@ -71,24 +70,24 @@ def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Ar
     return stats
 
 
-def reference_stats(graphdef: nnx.GraphDef, ref_params: Optional[dict], batch: dict,
+def reference_stats(graphdef: nnx.GraphDef, ref_params: Optional[dict], batch: Batch,
                     settings: LossSettings) -> dict:
     """The reference's per-pair logps [B*K, 2]: precomputed ones carried by the batch, or a forward pass
-    (zeros for SFT, which has no reference)."""
+    (zeros for reference-free losses)."""
     if not settings.uses_reference:
-        return {"logps": jnp.zeros(batch["pair_mask"].shape + (2,), jnp.float32).reshape(-1, 2)}
-    if "ref_logps" in batch:
-        return {"logps": batch["ref_logps"].reshape(-1, 2)}  # [B, K, 2] -> [B*K, 2]
+        return {"logps": jnp.zeros(batch.pair_mask.shape + (2,), jnp.float32).reshape(-1, 2)}
+    if batch.ref_logps is not None:
+        return {"logps": batch.ref_logps.reshape(-1, 2)}  # [B, K, 2] -> [B*K, 2]
     return jax.lax.stop_gradient(sequence_stats(graphdef, ref_params, batch))
 
 
-def sft_scale(batch: dict) -> jax.Array:
+def sft_scale(batch: Batch) -> jax.Array:
     """Pairs per chosen completion token over the whole batch (see PairLogps.sft_scale)."""
-    if batch["input_ids"].shape[1] == 1:  # prefix-shared rows: chosen tokens are branch 1
-        chosen = batch["completion_mask"] * (batch["segment_ids"] % PREFIX_GROUP == 1)
+    if batch.shared:  # chosen tokens are branch 1
+        chosen = batch.completion_mask * (batch.segment_ids % PREFIX_GROUP == 1)
     else:
-        chosen = batch["completion_mask"][:, 0]
-    return jnp.sum(batch["pair_mask"]) / jnp.maximum(jnp.sum(chosen), 1)
+        chosen = batch.completion_mask[:, 0]
+    return jnp.sum(batch.pair_mask) / jnp.maximum(jnp.sum(chosen), 1)
 
 
 def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair_mask: jax.Array,
@@ -133,7 +132,7 @@ def finalize_metrics(sums: dict, sft: bool = False) -> dict:
     return metrics
 
 
-def split_micro_batches(batch: dict, num_micro: int) -> dict:
+def split_micro_batches(batch: Batch, num_micro: int) -> Batch:
     """[B, ...] -> [num_micro, B / num_micro, ...] (contiguous blocks of rows)."""
     return jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
 
@@ -151,12 +150,12 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
 
         def loss_fn(p):
             policy = sequence_stats(graphdef, split.merge(p, frozen), micro)
-            return pair_metric_sums(policy, reference, settings, micro["pair_mask"], scale)
+            return pair_metric_sums(policy, reference, settings, micro.pair_mask, scale)
 
         (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         return grads, sums
 
-    def train_step(state: dict[str, Any], ref_params: Optional[dict], batch: dict) -> tuple[dict, dict]:
+    def train_step(state: dict[str, Any], ref_params: Optional[dict], batch: Batch) -> tuple[dict, dict]:
         trainable, frozen = split.trainable(state["params"]), split.frozen(state["params"])
         scale = sft_scale(batch)
 
@@ -185,10 +184,10 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
 def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings) -> Callable:
     """eval_step(params, ref_params, batch) -> metric sums (summed over pairs, for averaging over batches)."""
 
-    def eval_step(params: dict, ref_params: Optional[dict], batch: dict) -> dict:
+    def eval_step(params: dict, ref_params: Optional[dict], batch: Batch) -> dict:
         reference = reference_stats(graphdef, ref_params, batch, settings)
         policy = sequence_stats(graphdef, params, batch)
-        return pair_metric_sums(policy, reference, settings, batch["pair_mask"], sft_scale(batch))[1]
+        return pair_metric_sums(policy, reference, settings, batch.pair_mask, sft_scale(batch))[1]
 
     return eval_step
 
@@ -196,7 +195,7 @@ def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings) -> Callable:
 def make_reference_logps(graphdef: nnx.GraphDef) -> Callable:
     """reference_logps(ref_params, batch) -> [B*K, 2] summed completion logps (the precompute pass)."""
 
-    def reference_logps(ref_params: dict, batch: dict) -> jax.Array:
+    def reference_logps(ref_params: dict, batch: Batch) -> jax.Array:
         return sequence_stats(graphdef, ref_params, batch)["logps"]
 
     return reference_logps

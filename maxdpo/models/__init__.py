@@ -1,5 +1,5 @@
 """Model families on one shared decoder."""
-from maxdpo.models.spec import ModelSpec
+from maxdpo.models.spec import Architecture
 from maxdpo.models.transformer import Transformer
 
-__all__ = ["ModelSpec", "Transformer"]
+__all__ = ["Architecture", "Transformer"]

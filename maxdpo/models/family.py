@@ -5,7 +5,7 @@ import dataclasses
 import itertools
 from typing import Callable, Optional
 
-from maxdpo.models.spec import ModelSpec
+from maxdpo.models.spec import Architecture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ParamEntry:
     def indexed_axes(self) -> tuple[str, ...]:
         return tuple(name for name in ("layer", "expert") if "{" + name + "}" in self.hf_name)
 
-    def tensors(self, spec: ModelSpec) -> list[tuple[tuple[int, ...], str]]:
+    def tensors(self, spec: Architecture) -> list[tuple[tuple[int, ...], str]]:
         """(index into our array, HF tensor name) for every HF tensor of this parameter."""
         sizes = {"layer": spec.num_layers, "expert": spec.num_experts}
         axes = self.indexed_axes
@@ -38,9 +38,9 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     architecture: str  # the transformers class written into config.json
-    default_spec: ModelSpec
-    param_entries: Callable[[ModelSpec], list[ParamEntry]]
+    default_spec: Architecture
+    param_entries: Callable[[Architecture], list[ParamEntry]]
     spec_from_hf: Callable[[dict], dict]
-    hf_config: Callable[[ModelSpec], dict]
+    hf_config: Callable[[Architecture], dict]
     # For random init: the layer pattern for a depth set by `model.overrides` (Gemma-2 alternates).
     default_layer_types: Optional[Callable[[int], tuple[str, ...]]] = None

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from maxdpo.models.family import Family, ParamEntry
 from maxdpo.models.llama import LAYER, decoder_hf_config, decoder_param_entries, decoder_spec_from_hf
-from maxdpo.models.spec import FULL, SLIDING, ModelSpec
+from maxdpo.models.spec import FULL, SLIDING, Architecture
 
 GEMMA_TRAITS = dict(hidden_act="gelu_pytorch_tanh", norm_plus_one=True, scale_embeddings=True,
                     tie_word_embeddings=True)
 
 # google/gemma-7b
-GEMMA_7B = ModelSpec(
+GEMMA_7B = Architecture(
     family="gemma", vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_layers=28,
     num_heads=16, num_kv_heads=16, head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0,
     max_position_embeddings=8192, bos_token_id=2, eos_token_id=1, pad_token_id=0, **GEMMA_TRAITS)
@@ -22,7 +22,7 @@ def alternating_layer_types(num_layers: int) -> tuple[str, ...]:
 
 
 # google/gemma-2-9b
-GEMMA2_9B = ModelSpec(
+GEMMA2_9B = Architecture(
     family="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_layers=42,
     num_heads=16, num_kv_heads=8, head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0,
     max_position_embeddings=8192, bos_token_id=2, eos_token_id=1, pad_token_id=0, sliding_window=4096,
@@ -41,11 +41,11 @@ def gemma_spec_from_hf(config: dict) -> dict:
             "tie_word_embeddings": config.get("tie_word_embeddings", True)}
 
 
-def gemma_hf_config(spec: ModelSpec) -> dict:
+def gemma_hf_config(spec: Architecture) -> dict:
     return {**decoder_hf_config(spec), "hidden_activation": spec.hidden_act, "attention_bias": False}
 
 
-def gemma2_param_entries(spec: ModelSpec) -> list[ParamEntry]:
+def gemma2_param_entries(spec: Architecture) -> list[ParamEntry]:
     """Gemma-2 names the norm after attention `post_attention_layernorm`, the one before the MLP
     `pre_feedforward_layernorm`."""
     entries = [entry for entry in decoder_param_entries(spec) if entry.path[1:2] != ("mlp_norm",)]
@@ -65,7 +65,7 @@ def gemma2_spec_from_hf(config: dict) -> dict:
             "final_logit_softcap": config.get("final_logit_softcapping"), "post_norms": True}
 
 
-def gemma2_hf_config(spec: ModelSpec) -> dict:
+def gemma2_hf_config(spec: Architecture) -> dict:
     return {**gemma_hf_config(spec), "sliding_window": spec.sliding_window,
             "layer_types": [FULL if window is None else SLIDING for window in spec.layer_windows()],
             "query_pre_attn_scalar": spec.query_pre_attn_scalar,

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from maxdpo.kernels import dot_product_attention
-from maxdpo.models.spec import ModelSpec
+from maxdpo.models.spec import Architecture, Execution
 
 
 def make_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[Optional[str], ...], dtype, stddev: float,
@@ -46,11 +46,11 @@ class RMSNorm(nnx.Module):
     """y = x / rms(x) * scale in fp32, with transformers' cast order: Llama casts before scaling; Gemma
     stores w and scales by (1 + w) in fp32 before casting."""
 
-    def __init__(self, spec: ModelSpec, num_layers: Optional[int] = None):
+    def __init__(self, spec: Architecture, param_dtype, num_layers: Optional[int] = None):
         self.eps = spec.rms_norm_eps
         self.plus_one = spec.norm_plus_one
         fill = 0.0 if spec.norm_plus_one else 1.0
-        self.scale = constant_param((spec.hidden_size,), ("embed",), spec.param_dtype, num_layers, fill)
+        self.scale = constant_param((spec.hidden_size,), ("embed",), param_dtype, num_layers, fill)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -60,7 +60,7 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
-def rope_inverse_frequencies(spec: ModelSpec) -> np.ndarray:
+def rope_inverse_frequencies(spec: Architecture) -> np.ndarray:
     """inv_freq [head_dim // 2], with the `llama3` frequency-dependent scaling when configured."""
     dim = spec.head_dim
     inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
@@ -97,17 +97,19 @@ def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> ja
 class Attention(nnx.Module):
     """Grouped-query self-attention with rotary positions; optional sliding window and logit soft-cap."""
 
-    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, num_layers: Optional[int] = None):
+    def __init__(self, spec: Architecture, execution: Execution, rngs: nnx.Rngs, num_layers: Optional[int] = None):
         d, n, k, h = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
-        init = dict(rngs=rngs, dtype=spec.param_dtype, stddev=spec.initializer_range, num_layers=num_layers)
+        init = dict(rngs=rngs, dtype=execution.param_dtype, stddev=spec.initializer_range, num_layers=num_layers)
         self.q_proj = make_param(shape=(d, n, h), axes=("embed", "heads", "head_dim"), **init)
         self.k_proj = make_param(shape=(d, k, h), axes=("embed", "kv_heads", "head_dim"), **init)
         self.v_proj = make_param(shape=(d, k, h), axes=("embed", "kv_heads", "head_dim"), **init)
         self.o_proj = make_param(shape=(n, h, d), axes=("heads", "head_dim", "embed"), **init)
         self.spec = spec
+        self.impl = execution.attention
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 sliding_window: Optional[int] = None) -> jax.Array:
+                 sliding_window: Optional[int] = None, shared_prefix: bool = False) -> jax.Array:
+        """shared_prefix: rows in the prefix-sharing layout (segment ids per `attention_blocks.PREFIX_GROUP`)."""
         dtype = x.dtype
         q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dtype))  # [B, T, N, H]
         k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dtype))  # [B, T, K, H]
@@ -116,19 +118,19 @@ class Attention(nnx.Module):
         q = apply_rotary(q, positions, inv_freq)
         k = apply_rotary(k, positions, inv_freq)
         out = dot_product_attention(
-            q, k, v, impl=self.spec.attention, q_positions=positions, kv_positions=positions,
+            q, k, v, impl=self.impl, q_positions=positions, kv_positions=positions,
             q_segment_ids=segment_ids, kv_segment_ids=segment_ids, scale=self.spec.attention_scale,
             sliding_window=sliding_window, logit_softcap=self.spec.attn_logit_softcap,
-            shared_prefix=self.spec.shared_prefix)
+            shared_prefix=shared_prefix)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dtype))  # [B, T, D]
 
 
 class GatedMLP(nnx.Module):
     """down(act(gate(x)) * up(x)): SwiGLU (Llama, Mistral) or GeGLU with tanh gelu (Gemma)."""
 
-    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, num_layers: Optional[int] = None):
+    def __init__(self, spec: Architecture, execution: Execution, rngs: nnx.Rngs, num_layers: Optional[int] = None):
         d, f = spec.hidden_size, spec.intermediate_size
-        init = dict(rngs=rngs, dtype=spec.param_dtype, stddev=spec.initializer_range, num_layers=num_layers)
+        init = dict(rngs=rngs, dtype=execution.param_dtype, stddev=spec.initializer_range, num_layers=num_layers)
         self.gate_proj = make_param(shape=(d, f), axes=("embed", "mlp"), **init)
         self.up_proj = make_param(shape=(d, f), axes=("embed", "mlp"), **init)
         self.down_proj = make_param(shape=(f, d), axes=("mlp", "embed"), **init)

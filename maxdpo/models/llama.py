@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from maxdpo.models.family import Family, ParamEntry
-from maxdpo.models.spec import ModelSpec
+from maxdpo.models.spec import Architecture
 
 # Meta-Llama-3-8B; random init starts here and `model.overrides` changes any field.
-LLAMA3_8B = ModelSpec(
+LLAMA3_8B = Architecture(
     family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
     num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
     max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001)
@@ -19,7 +19,7 @@ GATED_MLP_ENTRIES = [ParamEntry(("layers", "mlp", "gate_proj"), f"{LAYER}.mlp.ga
                      ParamEntry(("layers", "mlp", "down_proj"), f"{LAYER}.mlp.down_proj.weight", 1)]
 
 
-def decoder_param_entries(spec: ModelSpec, mlp_entries: list[ParamEntry] | None = None) -> list[ParamEntry]:
+def decoder_param_entries(spec: Architecture, mlp_entries: list[ParamEntry] | None = None) -> list[ParamEntry]:
     """The Llama naming that Mistral, Mixtral and Gemma share; `mlp_entries` replaces the dense MLP."""
     entries = [
         ParamEntry(("embed",), "model.embed_tokens.weight"),
@@ -69,7 +69,7 @@ def decoder_spec_from_hf(config: dict) -> dict:
         hidden_act=config.get("hidden_act") or "silu")
 
 
-def decoder_hf_config(spec: ModelSpec) -> dict:
+def decoder_hf_config(spec: Architecture) -> dict:
     """Writes both rope spellings so older and newer transformers read the same rotary setup."""
     scaling = dict(spec.rope_scaling) if spec.rope_scaling else None
     return {
@@ -86,7 +86,7 @@ def decoder_hf_config(spec: ModelSpec) -> dict:
     }
 
 
-def llama_hf_config(spec: ModelSpec) -> dict:
+def llama_hf_config(spec: Architecture) -> dict:
     return {**decoder_hf_config(spec), "attention_bias": False, "mlp_bias": False}
 
 

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from maxdpo.kernels import moe_routing, partitioning
 from maxdpo.kernels.grouped_matmul import default_tile, grouped_matmul
 from maxdpo.models.layers import ACTIVATIONS, make_param
-from maxdpo.models.spec import ModelSpec
+from maxdpo.models.spec import Architecture, Execution
 
 
 def route(router_logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -76,17 +76,17 @@ def pallas_experts(x, experts, weights, gate, up, down, activation: Callable, *,
     """Copies permuted into expert-owned tiles, three Pallas grouped matmuls, weighted combine.
 
     backend/interpret/tile default to the platform's kernels (tests and benchmarks pick them). Under a
-    mesh it runs per shard: tokens over the data-parallel axes, the MLP width over `tensor` (partial
-    outputs summed); expert weights are gathered over the other axes (no expert parallelism here).
+    mesh it runs per shard, split as the logical rules map `batch` (tokens) and `mlp` (the width; partial
+    outputs summed, so it never reuses a token axis); expert weights are gathered over the other axes
+    (no expert parallelism here).
     """
     local = functools.partial(_local_pallas_experts, activation=activation, backend=backend,
                               interpret=interpret, tile=tile)
     mesh = partitioning.ambient_mesh()
     if mesh is None:
         return local(x, experts, weights, gate, up, down)
-    rows = partitioning.batch_axes(mesh, x.shape[0]) or None
-    width = partitioning.tensor_axis(mesh, gate.shape[2])
-    if width is not None:
+    rows, width = partitioning.kernel_axes(mesh, ("batch", "mlp"), (x.shape[0], gate.shape[2]))  # [N], [F]
+    if width:
         partial_sums = local
         local = lambda *args: jax.lax.psum(partial_sums(*args), width)  # noqa: E731
     tokens = P(rows, None)
@@ -109,16 +109,16 @@ EXPERT_IMPLEMENTATIONS = {"dense": dense_experts, "ragged": ragged_experts, "pal
 class MoE(nnx.Module):
     """Router [D, E] and per-expert gated MLPs; returns (output [B, T, D], balance statistics [2, E])."""
 
-    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, num_layers: Optional[int] = None):
+    def __init__(self, spec: Architecture, execution: Execution, rngs: nnx.Rngs, num_layers: Optional[int] = None):
         d, f, e = spec.hidden_size, spec.intermediate_size, spec.num_experts
-        init = dict(rngs=rngs, dtype=spec.param_dtype, stddev=spec.initializer_range, num_layers=num_layers)
+        init = dict(rngs=rngs, dtype=execution.param_dtype, stddev=spec.initializer_range, num_layers=num_layers)
         self.router = make_param(shape=(d, e), axes=("embed", None), **init)
         self.gate_proj = make_param(shape=(e, d, f), axes=("experts", "embed", "mlp"), **init)
         self.up_proj = make_param(shape=(e, d, f), axes=("experts", "embed", "mlp"), **init)
         self.down_proj = make_param(shape=(e, f, d), axes=("experts", "mlp", "embed"), **init)
         self.top_k = spec.num_experts_per_tok
         self.hidden_act = spec.hidden_act
-        self.impl = spec.moe_impl
+        self.impl = execution.moe_impl
 
     def __call__(self, x: jax.Array, token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B, T, D]; token_mask [B, T] (1 for real tokens, used by the balance statistics only)."""

@@ -1,4 +1,4 @@
-"""ModelSpec: the architecture of one decoder plus how to run it (dtypes, kernels, remat, scan)."""
+"""What a decoder is (`Architecture`: what config.json says) and how a run executes it (`Execution`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,7 @@ ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
+class Architecture:
     family: str
     vocab_size: int
     hidden_size: int
@@ -46,24 +46,6 @@ class ModelSpec:
     num_experts: int = 0
     num_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.0
-    # How to run it (not part of the checkpoint).
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    attention: str = "xla"
-    moe_impl: str = "dense"
-    remat: str = "none"
-    scan_layers: bool = True
-    shared_prefix: bool = False  # inputs in the prefix-sharing layout (data.prefix_sharing)
-    logits_chunk: int = 512  # positions per vocabulary projection in the loss (0: all at once)
-
-    ARCHITECTURE_FIELDS = (
-        "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-        "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings", "tie_word_embeddings",
-        "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act", "sliding_window",
-        "layer_types", "norm_plus_one", "scale_embeddings", "query_pre_attn_scalar", "attn_logit_softcap",
-        "final_logit_softcap", "post_norms", "num_experts", "num_experts_per_tok", "router_aux_loss_coef",
-    )
-
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
@@ -86,11 +68,27 @@ class ModelSpec:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts "
                              f"({self.num_experts})]")
 
-    def replace(self, **changes) -> "ModelSpec":
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The fields `model.overrides` may set (every one but the family)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "family")
+
+    def replace(self, **changes) -> "Architecture":
+        unknown = set(changes) - set(self.field_names())
         if unknown:
-            raise ValueError(f"unknown model field(s) {sorted(unknown)}; valid: {list(self.ARCHITECTURE_FIELDS)}")
+            raise ValueError(f"unknown model field(s) {sorted(unknown)}; valid: {list(self.field_names())}")
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (checkpoint meta); `from_dict` inverts it."""
+        fields = dataclasses.asdict(self)
+        fields["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        fields["layer_types"] = list(self.layer_types) if self.layer_types else None
+        return fields
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "Architecture":
+        return cls(**fields)
 
     def layer_windows(self) -> tuple[Optional[int], ...]:
         """Each layer's sliding window (None: full causal attention)."""
@@ -109,3 +107,15 @@ class ModelSpec:
         norms = (4 if self.post_norms else 2) * d
         embeddings = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * (attention + mlp + norms) + embeddings + d
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How a run executes an architecture (not part of the checkpoint): dtypes, kernels, remat, scan."""
+    dtype: Any = jnp.float32  # compute
+    param_dtype: Any = jnp.float32
+    attention: str = "xla"  # a key of maxdpo.kernels.ATTENTION_IMPLEMENTATIONS
+    moe_impl: str = "dense"  # a key of maxdpo.models.moe.EXPERT_IMPLEMENTATIONS
+    remat: str = "none"  # a key of maxdpo.models.transformer.REMAT_POLICIES, or none
+    scan_layers: bool = True
+    logits_chunk: int = 512  # positions per vocabulary projection in the loss (0: all at once)

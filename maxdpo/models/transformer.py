@@ -1,6 +1,7 @@
 """The shared decoder: embeddings, a stack of pre-norm blocks (scanned over a `layers` axis), final norm, LM head.
 
-Families differ only by their ModelSpec and the small pieces their modules pass in.
+Families differ only by their Architecture and the small pieces their modules pass in; `Execution` says how
+to run it (dtypes, kernels, remat, scan).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from flax import nnx
 
 from maxdpo.models.layers import Attention, GatedMLP, RMSNorm, make_param
 from maxdpo.models.moe import MoE, load_balancing_loss
-from maxdpo.models.spec import ModelSpec
+from maxdpo.models.spec import Architecture, Execution
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -24,21 +25,23 @@ class Block(nnx.Module):
     """x + attn(norm(x)), then + mlp(norm(x)); Gemma-2 also normalises each branch's output. Built with a
     leading `layers` axis on every parameter. The MLP is a sparse MoE when `spec.num_experts` > 0."""
 
-    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs, num_layers: int):
-        self.attn_norm = RMSNorm(spec, num_layers)
-        self.attn = Attention(spec, rngs, num_layers)
-        self.mlp_norm = RMSNorm(spec, num_layers)
-        self.mlp = MoE(spec, rngs, num_layers) if spec.num_experts else GatedMLP(spec, rngs, num_layers)
+    def __init__(self, spec: Architecture, execution: Execution, rngs: nnx.Rngs, num_layers: int):
+        param_dtype = execution.param_dtype
+        self.attn_norm = RMSNorm(spec, param_dtype, num_layers)
+        self.attn = Attention(spec, execution, rngs, num_layers)
+        self.mlp_norm = RMSNorm(spec, param_dtype, num_layers)
+        mlp = MoE if spec.num_experts else GatedMLP
+        self.mlp = mlp(spec, execution, rngs, num_layers)
         if spec.post_norms:
-            self.post_attn_norm = RMSNorm(spec, num_layers)
-            self.post_mlp_norm = RMSNorm(spec, num_layers)
+            self.post_attn_norm = RMSNorm(spec, param_dtype, num_layers)
+            self.post_mlp_norm = RMSNorm(spec, param_dtype, num_layers)
         self.post_norms = spec.post_norms
         self.is_moe = bool(spec.num_experts)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 sliding_window: Optional[int]) -> tuple[jax.Array, Optional[jax.Array]]:
+                 sliding_window: Optional[int], shared_prefix: bool) -> tuple[jax.Array, Optional[jax.Array]]:
         """Returns (x [B, T, D], MoE balance statistics [2, E] or None)."""
-        h = self.attn(self.attn_norm(x), positions, segment_ids, sliding_window)
+        h = self.attn(self.attn_norm(x), positions, segment_ids, sliding_window, shared_prefix)
         x = x + (self.post_attn_norm(h) if self.post_norms else h)
         h = self.mlp_norm(x)
         statistics = None
@@ -61,29 +64,30 @@ def layer_period(windows: tuple[Optional[int], ...]) -> int:
 class Transformer(nnx.Module):
     """Decoder-only LM. `__call__` maps token ids [batch, seq] to fp32 logits [batch, seq, vocab]."""
 
-    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+    def __init__(self, spec: Architecture, rngs: nnx.Rngs, execution: Execution = Execution()):
         self.spec = spec
+        self.execution = execution
         self.embed = make_param(rngs, (spec.vocab_size, spec.hidden_size), ("vocab", "embed"),
-                                spec.param_dtype, spec.initializer_range)
-        self.layers = Block(spec, rngs, spec.num_layers)
-        self.final_norm = RMSNorm(spec)
+                                execution.param_dtype, spec.initializer_range)
+        self.layers = Block(spec, execution, rngs, spec.num_layers)
+        self.final_norm = RMSNorm(spec, execution.param_dtype)
         if not spec.tie_word_embeddings:
             self.lm_head = make_param(rngs, (spec.hidden_size, spec.vocab_size), ("embed", "vocab"),
-                                      spec.param_dtype, spec.initializer_range)
+                                      execution.param_dtype, spec.initializer_range)
 
-    def _run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array
+    def _run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, shared_prefix: bool
                     ) -> tuple[jax.Array, list[jax.Array]]:
         """Runs every layer; returns (x, the MoE statistics of each layer or scanned group of layers)."""
-        spec = self.spec
+        spec, execution = self.spec, self.execution
         graphdef, stacked = nnx.split(self.layers)
         windows = spec.layer_windows()
 
         def make_layer(window):
             def layer(h, layer_state):
-                return nnx.merge(graphdef, layer_state)(h, positions, segment_ids, window)
-            if spec.remat == "none":
+                return nnx.merge(graphdef, layer_state)(h, positions, segment_ids, window, shared_prefix)
+            if execution.remat == "none":
                 return layer
-            return jax.checkpoint(layer, policy=REMAT_POLICIES[spec.remat], prevent_cse=not spec.scan_layers)
+            return jax.checkpoint(layer, policy=REMAT_POLICIES[execution.remat], prevent_cse=not execution.scan_layers)
 
         layer_fns = {window: make_layer(window) for window in set(windows)}
         statistics = []
@@ -92,7 +96,7 @@ class Transformer(nnx.Module):
             h, stats = layer_fns[windows[index]](h, layer_state)
             return h, [] if stats is None else [stats]
 
-        if not spec.scan_layers:
+        if not execution.scan_layers:
             for index in range(spec.num_layers):
                 x, stats = apply(x, index, jax.tree.map(lambda p: p[index], stacked))
                 statistics += stats
@@ -117,22 +121,23 @@ class Transformer(nnx.Module):
         return x, statistics
 
     def hidden_states(self, input_ids: jax.Array, positions: Optional[jax.Array] = None,
-                      segment_ids: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None
-                      ) -> tuple[jax.Array, jax.Array]:
+                      segment_ids: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
+                      shared_prefix: bool = False) -> tuple[jax.Array, jax.Array]:
         """(final-norm hidden states [B, T, D], router load-balancing loss as transformers computes it; 0
         without MoE). input_ids [B, T]; positions [B, T] (default 0..T-1); segment_ids [B, T] (0 = padding)
-        or an attention_mask [B, T] of 1/0 as in transformers."""
-        spec = self.spec
+        or an attention_mask [B, T] of 1/0 as in transformers; shared_prefix: rows laid out
+        prompt | chosen | rejected (`maxdpo.data.prefix_sharing`)."""
+        spec, dtype = self.spec, self.execution.dtype
         batch, seq = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         if segment_ids is None:
             segment_ids = (jnp.ones((batch, seq), jnp.int32) if attention_mask is None
                            else attention_mask.astype(jnp.int32))
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(spec.dtype)  # [B, T, D]
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)  # [B, T, D]
         if spec.scale_embeddings:
-            x = x * jnp.asarray(spec.hidden_size ** 0.5, spec.dtype)
-        x, statistics = self._run_layers(x, positions, segment_ids)
+            x = x * jnp.asarray(spec.hidden_size ** 0.5, dtype)
+        x, statistics = self._run_layers(x, positions, segment_ids, shared_prefix)
         aux_loss = jnp.zeros((), jnp.float32)
         if statistics:
             num_rows = jnp.sum(segment_ids > 0).astype(jnp.float32) * spec.num_layers
@@ -142,7 +147,8 @@ class Transformer(nnx.Module):
     def vocab_projection(self) -> Callable[[jax.Array], jax.Array]:
         """hidden [..., D] -> fp32 logits [..., V] (tied or separate head, final soft-cap)."""
         spec = self.spec
-        head = (self.embed[...].T if spec.tie_word_embeddings else self.lm_head[...]).astype(spec.dtype)  # [D, V]
+        head = self.embed[...].T if spec.tie_word_embeddings else self.lm_head[...]
+        head = head.astype(self.execution.dtype)  # [D, V]
 
         def project(x: jax.Array) -> jax.Array:
             logits = jnp.einsum("...D,DV->...V", x, head, preferred_element_type=jnp.float32)
@@ -171,7 +177,7 @@ def logical_axes_of(state: nnx.State) -> dict:
     return nnx.to_pure_dict(jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def abstract_model(spec: ModelSpec) -> tuple[nnx.GraphDef, dict, dict]:
+def abstract_model(spec: Architecture, execution: Execution = Execution()) -> tuple[nnx.GraphDef, dict, dict]:
     """(graphdef, params as ShapeDtypeStructs, each parameter's logical axes), allocating nothing."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(spec, nnx.Rngs(0), execution)))
     return graphdef, nnx.to_pure_dict(state), logical_axes_of(state)

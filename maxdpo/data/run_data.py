@@ -1,0 +1,90 @@
+"""A run's data: its tokenizer, and its train (and eval) pairs tokenised and scheduled into batches."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import jax
+from transformers import AutoTokenizer
+
+from maxdpo.config import Config, ConfigError
+from maxdpo.data.loader import BatchBuilder, BatchPlan, eval_schedule, training_schedule
+from maxdpo.data.pipeline import PreparedData, prepare_pairs
+from maxdpo.data.sources import resolve_path
+from maxdpo.dpo.losses import LOSSES
+
+
+def load_tokenizer(cfg: Config):
+    source = cfg.tokenizer.path or cfg.model.path
+    if not source:
+        raise ConfigError("no tokenizer: set tokenizer.path (or model.path to a folder with tokenizer files)")
+    path = resolve_path(source)
+    if not Path(path).exists():
+        raise ConfigError(f"tokenizer path not found: {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_vocab(vocab_size: int, tokenizer) -> None:
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
+
+
+def prepare_data(source: str, split: str, cfg: Config, tokenizer) -> PreparedData:
+    """Tokenised pairs of a data source (cached on disk; progress shown by the first process)."""
+    return prepare_pairs(source, split, cfg.data, tokenizer, sft=LOSSES[cfg.dpo.loss].completions,
+                         show_progress=jax.process_index() == 0)
+
+
+def batch_plan(cfg: Config, tokenizer, shuffle: Optional[bool] = None, batch_size: Optional[int] = None) -> BatchPlan:
+    return BatchPlan(batch_size=batch_size or cfg.trainer.batch_size, epochs=cfg.trainer.epochs,
+                     seed=cfg.run.seed, shuffle=cfg.data.shuffle if shuffle is None else shuffle,
+                     pad_id=tokenizer.pad_token_id, max_length=cfg.data.max_length, packing=cfg.data.packing,
+                     prefix_sharing=cfg.data.prefix_sharing)
+
+
+def schedule_fingerprint(data: PreparedData, plan: BatchPlan) -> str:
+    """Identifies the batch sequence: the data and how it is batched."""
+    content = json.dumps([data.fingerprint, dataclasses.asdict(plan)], sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """Batch builders of this process's share: training (shuffled global batches) and evaluation (every pair
+    once, in micro batches); `fingerprints` identify each split's tokenised data."""
+    train: BatchBuilder
+    eval: Optional[BatchBuilder]
+    schedule_fingerprint: str  # the training batch sequence, checked on resume
+    fingerprints: dict[str, str]
+
+    def builders(self) -> dict[str, BatchBuilder]:
+        return {"train": self.train, **({"eval": self.eval} if self.eval is not None else {})}
+
+
+def prepare_run_data(cfg: Config, tokenizer) -> RunData:
+    if not cfg.data.train:
+        raise ConfigError("data.train is not set")
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    plan = batch_plan(cfg, tokenizer)
+    train = prepare_data(cfg.data.train, cfg.data.train_split, cfg, tokenizer)
+    builder = BatchBuilder(train.store, training_schedule(train.store, plan), plan, **process)
+    fingerprints = {"train": train.fingerprint}
+    eval_builder = None
+    if cfg.data.eval:
+        eval_plan = batch_plan(cfg, tokenizer, shuffle=False, batch_size=cfg.trainer.micro_batch)
+        evaluation = prepare_data(cfg.data.eval, cfg.data.eval_split, cfg, tokenizer)
+        eval_builder = BatchBuilder(evaluation.store, eval_schedule(evaluation.store, eval_plan), eval_plan, **process)
+        fingerprints["eval"] = evaluation.fingerprint
+    return RunData(builder, eval_builder, schedule_fingerprint(train, plan), fingerprints)
+
+
+def every_pair_once(builder: BatchBuilder, batch_size: int) -> BatchBuilder:
+    """`builder`'s pairs in order, each once, in batches of `batch_size` rows (the precompute pass)."""
+    plan = dataclasses.replace(builder.plan, shuffle=False, batch_size=batch_size)
+    return dataclasses.replace(builder, schedule=eval_schedule(builder.store, plan), plan=plan)

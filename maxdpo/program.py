@@ -1,0 +1,169 @@
+"""The run's jitted program, assembled in one place: `build_train_program(cfg, mesh) -> TrainProgram`.
+
+From the config and the mesh: the architecture and how to execute it, the parameter, optimizer-state and
+batch shardings, the trainable split, the loss settings, the optimizer, and the jitted train, eval and
+reference-logps steps. The trainer runs it, `python -m maxdpo.compile` lowers it with `abstract_args`,
+`tools/bench.py` times it. Nothing here touches weights or data.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from maxdpo.checkpoint.hf import spec_from_pretrained, to_dtype
+from maxdpo.config import Config, ConfigError
+from maxdpo.data.batch import Batch, layout_of, longest_row
+from maxdpo.data.sources import resolve_path
+from maxdpo.dpo.freeze import TrainableSplit, trainable_split
+from maxdpo.dpo.losses import LossHyper
+from maxdpo.dpo.optim import make_optimizer, optimizer_state_shardings
+from maxdpo.dpo.step import LossSettings, make_eval_step, make_reference_logps, make_train_step
+from maxdpo.models.registry import get_family
+from maxdpo.models.spec import Architecture, Execution
+from maxdpo.models.transformer import abstract_model
+from maxdpo.sharding import batch_sharding, mesh_context, micro_batch_parallel_size, replicated, tree_shardings
+
+
+def execution_from_config(cfg: Config) -> Execution:
+    model = cfg.model
+    return Execution(dtype=to_dtype(model.dtype), param_dtype=to_dtype(model.param_dtype), attention=model.attention,
+                     moe_impl=model.moe_impl, remat=model.remat, scan_layers=model.scan_layers,
+                     logits_chunk=model.logits_chunk)
+
+
+def architecture_from_config(cfg: Config) -> Architecture:
+    """From `model.path`'s config.json, or the family's default architecture with `model.overrides`."""
+    if cfg.model.path:
+        family, spec = spec_from_pretrained(resolve_path(cfg.model.path))
+        if family.name != cfg.model.family:
+            raise ConfigError(f"model.family is '{cfg.model.family}' but {cfg.model.path} holds a '{family.name}' model")
+        if cfg.model.overrides:
+            raise ConfigError("model.overrides applies to random init only; remove it or set model.path: null")
+        return spec
+    family = get_family(cfg.model.family)
+    overrides = dict(cfg.model.overrides)
+    unknown = set(overrides) - set(Architecture.field_names())
+    if unknown:
+        raise ConfigError(f"unknown key(s) in model.overrides: {sorted(unknown)}; valid: {list(Architecture.field_names())}")
+    if family.default_layer_types and "layer_types" not in overrides:
+        overrides["layer_types"] = family.default_layer_types(overrides.get("num_layers", family.default_spec.num_layers))
+    try:
+        return family.default_spec.replace(**overrides)
+    except ValueError as err:
+        raise ConfigError(f"model.overrides: {err}") from err
+
+
+def loss_settings(cfg: Config) -> LossSettings:
+    dpo = cfg.dpo
+    return LossSettings(dpo.loss, LossHyper(dpo.beta, dpo.label_smoothing, dpo.dpop_lambda), dpo.sft_weight,
+                        dpo.router_aux_coef)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """Everything a run compiles, for one config on one mesh. State = {step, params, opt_state}; the steps take
+    (state or params, reference params or None, `Batch`) and must be called under `mesh_context()`."""
+    cfg: Config
+    mesh: Mesh
+    spec: Architecture
+    execution: Execution
+    graphdef: nnx.GraphDef
+    split: TrainableSplit
+    settings: LossSettings
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    layout: str  # batch.PAIRED or batch.SHARED
+    data_parallel: int  # devices a micro batch's rows are split over
+    abstract_state: dict  # ShapeDtypeStructs with their shardings
+    batch_sharding: NamedSharding  # every batch field: rows split over the `batch` rule
+    train_step: Callable  # (state, ref_params, batch) -> (state, metrics)
+    eval_step: Callable  # (params, ref_params, batch) -> metric sums
+    reference_logps: Callable  # (ref_params, batch) -> [rows * slots, 2] summed reference logps, replicated
+
+    @property
+    def rules(self) -> dict:
+        return self.cfg.mesh.logical_axis_rules
+
+    @property
+    def state_shardings(self) -> dict:
+        return jax.tree.map(lambda a: a.sharding, self.abstract_state)
+
+    @property
+    def param_shardings(self) -> dict:
+        return self.state_shardings["params"]
+
+    @property
+    def reference_model(self) -> bool:
+        """Whether the steps run a reference model (not precomputed, and the loss needs one)."""
+        return self.settings.uses_reference and not self.cfg.reference.precompute
+
+    def mesh_context(self):
+        """The mesh and logical rules the steps are traced under (the kernels shard per device from them)."""
+        return mesh_context(self.mesh, self.rules)
+
+    def init_state(self, params: dict) -> dict:
+        """The state at step 0: `params` (already placed by `param_shardings`) and fresh optimizer moments."""
+        opt_shardings = self.state_shardings["opt_state"]
+        opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(self.split.trainable(params))
+        step = jax.device_put(jnp.asarray(0, jnp.int32), self.state_shardings["step"])
+        return {"step": step, "params": params, "opt_state": opt_state}
+
+    def abstract_batch(self, rows: int, length: int, slots: int = 1) -> Batch:
+        """The train step's batch as ShapeDtypeStructs (rows x length tokens per side)."""
+        batch = Batch.abstract(self.layout, rows, length, slots, ref_logps=self.cfg.reference.precompute)
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.batch_sharding), batch)
+
+    def abstract_args(self, rows: int, length: Optional[int] = None) -> tuple:
+        """(state, reference params, batch) as ShapeDtypeStructs, for `train_step.lower(*args)`; the batch's
+        rows are padded to `length` tokens (default: the longest row `data.max_length` allows)."""
+        ref = self.abstract_state["params"] if self.reference_model else None
+        length = length or longest_row(self.layout, self.cfg.data.max_length)
+        return self.abstract_state, ref, self.abstract_batch(rows, length)
+
+    def global_batch(self, batch: Batch) -> Batch:
+        """This process's rows of a host batch -> global arrays on the mesh."""
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch)
+
+
+def build_train_program(cfg: Config, mesh: Mesh, total_steps: int) -> TrainProgram:
+    """The program of `cfg` on `mesh`; `total_steps` sets the learning-rate schedule."""
+    rules = cfg.mesh.logical_axis_rules
+    spec, execution = architecture_from_config(cfg), execution_from_config(cfg)
+    if cfg.dpo.router_aux_coef and not spec.num_experts:
+        raise ConfigError(f"dpo.router_aux_coef applies to MoE models; this {spec.family} model has no experts")
+    data_parallel = micro_batch_parallel_size(mesh, rules, cfg.trainer.micro_batch)
+    graphdef, abstract_params, axes = abstract_model(spec, execution)
+    param_shardings = tree_shardings(abstract_params, axes, rules, mesh)
+    split = trainable_split(spec, get_family(spec.family), cfg.freeze)
+    optimizer, schedule = make_optimizer(cfg.optimizer, total_steps)
+    trainable = split.trainable(_abstract(abstract_params, param_shardings))
+    scalar = replicated(mesh)
+    opt_shardings = optimizer_state_shardings(optimizer, trainable, split.trainable(param_shardings), scalar)
+    abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
+                      "params": _abstract(abstract_params, param_shardings),
+                      "opt_state": _abstract(jax.eval_shape(optimizer.init, trainable), opt_shardings)}
+    state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    settings = loss_settings(cfg)
+    rows = batch_sharding(mesh, rules, 1)
+    reference_model = settings.uses_reference and not cfg.reference.precompute
+    ref_shardings: Optional[Any] = param_shardings if reference_model else None
+    num_micro = cfg.trainer.batch_size // cfg.trainer.micro_batch
+    train_step = jax.jit(make_train_step(graphdef, settings, optimizer, schedule, num_micro, split),
+                         in_shardings=(state_shardings, ref_shardings, rows),
+                         out_shardings=(state_shardings, scalar), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef, settings), in_shardings=(param_shardings, ref_shardings, rows))
+    reference_logps = jax.jit(make_reference_logps(graphdef), in_shardings=(param_shardings, rows),
+                              out_shardings=scalar)
+    return TrainProgram(cfg, mesh, spec, execution, graphdef, split, settings, optimizer, schedule,
+                        layout_of(cfg.data.prefix_sharing), data_parallel, abstract_state, rows, train_step,
+                        eval_step, reference_logps)

@@ -1,0 +1,51 @@
+"""A run's weights on the mesh: the initial policy (HF folder or random init), the reference, host copies."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from maxdpo.checkpoint.hf import load_params_sharded, spec_from_pretrained
+from maxdpo.config import ConfigError
+from maxdpo.data.sources import resolve_path
+from maxdpo.models.registry import get_family
+from maxdpo.models.transformer import Transformer
+from maxdpo.program import TrainProgram
+
+
+def init_params(program: TrainProgram, seed: int) -> dict:
+    """Random init directly into its shards (never materialised whole on one device)."""
+    def create():
+        return nnx.to_pure_dict(nnx.state(Transformer(program.spec, nnx.Rngs(seed), program.execution), nnx.Param))
+    return jax.jit(create, out_shardings=program.param_shardings)()
+
+
+def load_params(program: TrainProgram, path: str) -> dict:
+    """HF weights, streamed from disk and placed tensor by tensor onto their shards."""
+    spec = program.spec
+    return load_params_sharded(resolve_path(path), spec, get_family(spec.family), program.param_shardings,
+                               program.execution.param_dtype)
+
+
+def initial_params(program: TrainProgram) -> dict:
+    cfg = program.cfg
+    return load_params(program, cfg.model.path) if cfg.model.path else init_params(program, cfg.run.seed)
+
+
+def reference_params(program: TrainProgram, initial: dict, copy: bool = True) -> dict:
+    """`reference.path`'s weights, or the initial policy (copied when training will update `initial`)."""
+    path = program.cfg.reference.path
+    if path:
+        if spec_from_pretrained(resolve_path(path))[1] != program.spec:
+            raise ConfigError(f"reference.path {path} has a different architecture than the policy")
+        return load_params(program, path)
+    return jax.tree.map(jnp.copy, initial) if copy else initial
+
+
+def host_params(params: dict) -> dict:
+    """Numpy copies of (possibly multi-process sharded) parameters; every process must call it."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, params)
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
