@@ -14,13 +14,13 @@ from maxdpo.atomic import atomic_path
 from maxdpo.checkpoint.hf import save_params
 from maxdpo.checkpoint.state import CheckpointStore
 from maxdpo.config import Config, save_config, to_dict
-from maxdpo.data.loader import BatchIterator, batch_iterator, batch_tokens
+from maxdpo.data.loader import BatchBuilder, BatchIterator, batch_iterator, batch_tokens
 from maxdpo.data.run_data import RunData, check_vocab, load_tokenizer, prepare_run_data
 from maxdpo.dpo.precompute import attach_reference_logps
 from maxdpo.dpo.step import finalize_metrics
 from maxdpo.metrics_log import MetricsLog
 from maxdpo.model_card import write_model_card
-from maxdpo.program import architecture_from_config, build_train_program
+from maxdpo.program import TrainProgram, architecture_from_config, build_train_program
 from maxdpo.resume import check_architecture, resume_point
 from maxdpo.sharding import make_mesh
 from maxdpo.weights import host_params, initial_params, reference_params
@@ -30,6 +30,16 @@ log = logging.getLogger("maxdpo")
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient became NaN or inf; the message names the step and batch."""
+
+
+def evaluate(program: TrainProgram, params: dict, ref_params: dict | None, batches: BatchBuilder) -> dict:
+    """`eval_`-prefixed metrics over every batch of `batches` (sums over pairs and tokens, divided once)."""
+    totals = None
+    for step in range(len(batches.schedule)):
+        sums = program.eval_step(params, ref_params, program.global_batch(batches(step)))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    metrics = finalize_metrics(jax.device_get(totals), sft=not program.settings.uses_reference)
+    return {f"eval_{k}": float(v) for k, v in metrics.items()}
 
 
 def _mean_rows(window: list[dict]) -> dict:
@@ -52,8 +62,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg)
         check_vocab(architecture_from_config(cfg).vocab_size, self.tokenizer)  # before tokenising the data
         self.data = prepare_run_data(cfg, self.tokenizer)
-        schedule = self.data.train.schedule
-        self.total_steps = len(schedule) if cfg.trainer.max_steps < 0 else min(cfg.trainer.max_steps, len(schedule))
+        self.total_steps = self.data.total_steps(cfg.trainer.max_steps)
         self.program = build_train_program(cfg, self.mesh, self.total_steps)
         spec = self.program.spec
         if self.resume is not None:
@@ -77,14 +86,6 @@ class Trainer:
                 "mesh": dict(self.mesh.shape), "data_parallel": self.program.data_parallel}
 
     # -- loop ------------------------------------------------------------------------------------------------
-    def evaluate(self, params: dict, ref_params: dict | None, data: RunData) -> dict:
-        totals = None
-        for step in range(len(data.eval.schedule)):
-            sums = self.program.eval_step(params, ref_params, self.program.global_batch(data.eval(step)))
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        metrics = finalize_metrics(jax.device_get(totals), sft=not self.program.settings.uses_reference)
-        return {f"eval_{k}": float(v) for k, v in metrics.items()}
-
     def _check_finite(self, step: int, metrics: dict) -> None:
         """Raises when step `step` produced a non-finite loss or gradient (its update is then never saved)."""
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
@@ -143,9 +144,9 @@ class Trainer:
         window_start = time.perf_counter()
         pending = None  # (step, metrics) checked one step late so the host never stalls the device
 
-        def evaluate(step: int) -> dict:
+        def evaluate_at(step: int) -> dict:
             row = {"step": step, "epoch": data.train.schedule.epoch_at(step),
-                   **self.evaluate(state["params"], ref_params, data)}
+                   **evaluate(program, state["params"], ref_params, data.eval)}
             metrics_log.write(row)
             return row
 
@@ -166,7 +167,7 @@ class Trainer:
                 metrics_log.write(row)
                 last_row, window, tokens = row, [], 0
             if data.eval is not None and trainer.eval_every and step % trainer.eval_every == 0:
-                eval_row = evaluate(step)
+                eval_row = evaluate_at(step)
             if trainer.save_every and step % trainer.save_every == 0:
                 self._check_finite(*pending)
                 store.save(step, state["params"], state["opt_state"], self.meta(batches))
@@ -174,7 +175,7 @@ class Trainer:
         if pending is not None:
             self._check_finite(*pending)
         if data.eval is not None and eval_row.get("step") != self.total_steps:
-            eval_row = evaluate(self.total_steps)
+            eval_row = evaluate_at(self.total_steps)
         if store.latest_step() != self.total_steps:
             store.save(self.total_steps, state["params"], state["opt_state"], self.meta(batches))
         store.wait()

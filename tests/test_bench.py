@@ -12,7 +12,7 @@ from flax import nnx
 from maxdpo.configure import load_config
 from maxdpo.flops import forward_flops_per_token, mean_visible_keys
 from maxdpo.models.transformer import Transformer
-from maxdpo.program import architecture_from_config
+from maxdpo.program import architecture_from_config, execution_from_config
 
 from tools import bench
 
@@ -35,7 +35,7 @@ def test_forward_flops_match_xla_cost_analysis(family, overrides):
     cfg = load_config(None, [f"model.family={family}", "model.scan_layers=false", "model.moe_impl=dense",
                              *(f"model.overrides.{k}={v}" for k, v in shape.items())])
     spec = architecture_from_config(cfg)
-    graphdef, state = nnx.split(Transformer(spec, nnx.Rngs(0)))
+    graphdef, state = nnx.split(Transformer(spec, nnx.Rngs(0), execution_from_config(cfg)))
     ids = jnp.zeros((2, 32), jnp.int32)
     forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state).forward(ids)[0])
     counted = forward.lower(state, ids).compile().cost_analysis()["flops"]

@@ -1,5 +1,4 @@
 """Data, fsdp and tensor parallel layouts on the 8-device CPU mesh give the single-device loss curve."""
-import json
 
 import jax
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 from maxdpo.configure import load_config
 from maxdpo.kernels import partitioning
 from maxdpo.sharding import logical_to_spec, make_mesh, mesh_context, mesh_shape
-from maxdpo.trainer import Trainer
+from programs import train_steps
 
 LAYOUTS = {
     "data": ["mesh.data=8"],
@@ -16,8 +15,8 @@ LAYOUTS = {
     "data+fsdp+tensor": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
     "fsdp+tensor4": ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"],
 }
-COMMON = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.log_every=1", "trainer.save_every=0",
-          "data.eval=null", "export.hf=false", "optimizer.learning_rate=1e-2", "optimizer.warmup_ratio=0"]
+COMMON = ["trainer.max_steps=3", "trainer.batch_size=8", "data.eval=null", "optimizer.learning_rate=1e-2",
+          "optimizer.warmup_ratio=0"]
 
 
 # The bundled tiny Llama shape, changed into each family (windows shorter than the 32-token rows).
@@ -36,34 +35,31 @@ FAMILY_LAYOUTS = {
 }
 
 
-def _run(tmp_path, name, overrides, devices=None):
-    cfg = load_config(None, COMMON + [f"run.output_dir={tmp_path / name}"] + overrides)
-    Trainer(cfg, devices).train()
-    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+def _run(overrides, devices=None):
+    rows, _ = train_steps(load_config(None, COMMON + overrides), devices)
     names = ["loss", "rewards/margins", "grad_norm"] + (["aux_loss"] if "aux_loss" in rows[0] else [])
     return np.array([[r[n] for n in names] for r in rows])
 
 
 @pytest.fixture(scope="module")
-def single_device(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("single")
-    return _run(tmp, "one", ["mesh.data=1"], devices=jax.devices()[:1])
+def single_device():
+    return _run(["mesh.data=1"], devices=jax.devices()[:1])
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_device(tmp_path, single_device, layout):
-    curve = _run(tmp_path, layout, LAYOUTS[layout])
+def test_layout_matches_single_device(single_device, layout):
+    curve = _run(LAYOUTS[layout])
     assert curve.shape == single_device.shape == (3, 3)
     np.testing.assert_allclose(curve, single_device, rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_loss_is_the_same_under_every_layout(tmp_path, family):
+def test_family_loss_is_the_same_under_every_layout(family):
     """Mixtral runs the ragged experts with experts sharded 4 ways and the dense reference elsewhere."""
     curves = {}
     for layout, mesh in FAMILY_LAYOUTS.items():
         impl = ["model.moe_impl=ragged"] if layout == "data+expert" else []
-        curves[layout] = _run(tmp_path, layout, FAMILIES[family] + mesh + impl)
+        curves[layout] = _run(FAMILIES[family] + mesh + impl)
     assert curves["data"].shape[0] == 3
     assert (curves["data"].shape[1] == 4) == (family == "mixtral")  # aux_loss logged for MoE only
     # the policy moves away from the reference (3 steps of different batches are too few to ask for a sign)

@@ -66,6 +66,11 @@ class RunData:
     def builders(self) -> dict[str, BatchBuilder]:
         return {"train": self.train, **({"eval": self.eval} if self.eval is not None else {})}
 
+    def total_steps(self, max_steps: int) -> int:
+        """Steps of the run: every scheduled batch, or at most `max_steps` (trainer.max_steps) when >= 0."""
+        scheduled = len(self.train.schedule)
+        return scheduled if max_steps < 0 else min(max_steps, scheduled)
+
 
 def prepare_run_data(cfg: Config, tokenizer) -> RunData:
     if not cfg.data.train:
