@@ -78,7 +78,7 @@ def micro_batch_parallel_size(mesh: Mesh, rules: dict, micro: int) -> int:
     """The data-parallel size, which must divide the micro batch (else its rows would be replicated)."""
     size = data_parallel_size(mesh, rules)
     if micro % size:
-        raise ConfigError(f"micro batch of {micro} rows (trainer.micro_batch_size, or trainer.batch_size when unset) is not "
+        raise ConfigError(f"micro batch of {micro} rows (trainer.micro_batch_size or trainer.batch_size) is not "
                           f"divisible by the data-parallel size {size} of mesh {dict(mesh.shape)}")
     return size
 
