@@ -2,7 +2,8 @@
 
 A Pallas call is an opaque custom call to XLA's partitioner, which would gather its inputs and run it
 whole on every device. Under a mesh (`jax.set_mesh`) the kernels are wrapped in `shard_map` instead,
-their dimensions split as the logical rules say (`logical_rules`, set by the trainer next to the mesh;
+their dimensions split as the logical rules say (`logical_rules`, set with the mesh by
+`maxdpo.sharding.mesh_context`;
 `DEFAULT_RULES` otherwise). Arrays sharded otherwise are resharded at the boundary. `dim_axes` is the
 one rule -> mesh-axes mapping, also behind the parameter and batch shardings (`maxdpo.sharding`).
 

@@ -132,6 +132,11 @@ class TrainerConfig:
         """Rows per micro batch (one gradient accumulation step): the whole batch unless micro_batch_size is set."""
         return self.micro_batch_size or self.batch_size
 
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro batches per step (gradient accumulation)."""
+        return self.batch_size // self.micro_batch
+
 
 @dataclasses.dataclass
 class MeshConfig:

@@ -7,6 +7,7 @@ import importlib.metadata
 import math
 from pathlib import Path
 
+from maxdpo.atomic import write_text
 from maxdpo.config import Config
 from maxdpo.dpo.losses import LOSSES
 from maxdpo.metrics_log import read_rows
@@ -53,7 +54,7 @@ def hyperparameters(cfg: Config, mesh: dict[str, int], data_parallel: int) -> li
     lines = [f"learning_rate: {opt.learning_rate:g}", f"train_batch_size: {micro // data_parallel}",
              f"eval_batch_size: {micro // data_parallel}", f"seed: {cfg.run.seed}",
              f"distributed_type: {'multi-device' if num_devices > 1 else 'single device'} (JAX mesh {mesh})",
-             f"num_devices: {num_devices}", f"gradient_accumulation_steps: {trainer.batch_size // micro}",
+             f"num_devices: {num_devices}", f"gradient_accumulation_steps: {trainer.accumulation_steps}",
              f"total_train_batch_size: {trainer.batch_size}", f"total_eval_batch_size: {micro}",
              f"optimizer: Adam with betas=({opt.b1},{opt.b2}) and epsilon={opt.eps:g}, weight_decay={opt.weight_decay:g}",
              f"lr_scheduler_type: {opt.schedule}"]
@@ -98,5 +99,5 @@ def write_model_card(out_dir: Path, cfg: Config, metrics_path: Path, step: int, 
     """README.md in `out_dir`, with the results logged in `metrics_path` up to `step`."""
     rows = [row for row in read_rows(metrics_path) if row["step"] <= step]
     path = Path(out_dir) / "README.md"
-    path.write_text(render(cfg, rows, mesh, data_parallel))
+    write_text(path, render(cfg, rows, mesh, data_parallel))
     return path

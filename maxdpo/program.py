@@ -1,9 +1,9 @@
-"""The run's jitted program, assembled in one place: `build_train_program(cfg, mesh) -> TrainProgram`.
+"""The run's jitted program, assembled in one place: `build_train_program(cfg, mesh, total_steps)`.
 
 From the config and the mesh: the architecture and how to execute it, the parameter, optimizer-state and
 batch shardings, the trainable split, the loss settings, the optimizer, and the jitted train, eval and
 reference-logps steps. The trainer runs it, `python -m maxdpo.compile` lowers it with `abstract_args`,
-`tools/bench.py` times it. Nothing here touches weights or data.
+`tools/bench.py` times it. Building it reads no weights and no data.
 """
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ class TrainProgram:
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     layout: str  # batch.PAIRED or batch.SHARED
+    reference_model: bool  # the steps run a reference model (the loss needs one and it is not precomputed)
     data_parallel: int  # devices a micro batch's rows are split over
     abstract_state: dict  # ShapeDtypeStructs with their shardings
     batch_sharding: NamedSharding  # every batch field: rows split over the `batch` rule
@@ -102,11 +103,6 @@ class TrainProgram:
     def param_shardings(self) -> dict:
         return self.state_shardings["params"]
 
-    @property
-    def reference_model(self) -> bool:
-        """Whether the steps run a reference model (not precomputed, and the loss needs one)."""
-        return self.settings.uses_reference and not self.cfg.reference.precompute
-
     def mesh_context(self):
         """The mesh and logical rules the steps are traced under (the kernels shard per device from them)."""
         return mesh_context(self.mesh, self.rules)
@@ -121,7 +117,7 @@ class TrainProgram:
     def abstract_batch(self, rows: int, length: int, slots: int = 1) -> Batch:
         """The train step's batch as ShapeDtypeStructs (rows x length tokens per side)."""
         batch = Batch.abstract(self.layout, rows, length, slots, ref_logps=self.cfg.reference.precompute)
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.batch_sharding), batch)
+        return _abstract(batch, jax.tree.map(lambda _: self.batch_sharding, batch))
 
     def abstract_args(self, rows: int, length: Optional[int] = None) -> tuple:
         """(state, reference params, batch) as ShapeDtypeStructs, for `train_step.lower(*args)`; the batch's
@@ -135,35 +131,42 @@ class TrainProgram:
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch)
 
 
-def build_train_program(cfg: Config, mesh: Mesh, total_steps: int) -> TrainProgram:
-    """The program of `cfg` on `mesh`; `total_steps` sets the learning-rate schedule."""
-    rules = cfg.mesh.logical_axis_rules
-    spec, execution = architecture_from_config(cfg), execution_from_config(cfg)
+def check_layout(cfg: Config, mesh: Mesh, spec: Architecture) -> int:
+    """Refuses a config whose model or batch does not fit this mesh; returns the data-parallel size."""
     if cfg.dpo.router_aux_coef and not spec.num_experts:
         raise ConfigError(f"dpo.router_aux_coef applies to MoE models; this {spec.family} model has no experts")
-    data_parallel = micro_batch_parallel_size(mesh, rules, cfg.trainer.micro_batch)
+    return micro_batch_parallel_size(mesh, cfg.mesh.logical_axis_rules, cfg.trainer.micro_batch)
+
+
+def build_train_program(cfg: Config, mesh: Mesh, total_steps: int,
+                        spec: Optional[Architecture] = None) -> TrainProgram:
+    """The program of `cfg` on `mesh`; `total_steps` sets the learning-rate schedule; `spec` is the
+    architecture when the caller has read it already (else `architecture_from_config`)."""
+    rules = cfg.mesh.logical_axis_rules
+    spec, execution = spec or architecture_from_config(cfg), execution_from_config(cfg)
+    data_parallel = check_layout(cfg, mesh, spec)
     graphdef, abstract_params, axes = abstract_model(spec, execution)
     param_shardings = tree_shardings(abstract_params, axes, rules, mesh)
+    params = _abstract(abstract_params, param_shardings)
     split = trainable_split(spec, get_family(spec.family), cfg.freeze)
     optimizer, schedule = make_optimizer(cfg.optimizer, total_steps)
-    trainable = split.trainable(_abstract(abstract_params, param_shardings))
+    trainable = split.trainable(params)
     scalar = replicated(mesh)
     opt_shardings = optimizer_state_shardings(optimizer, trainable, split.trainable(param_shardings), scalar)
-    abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
-                      "params": _abstract(abstract_params, param_shardings),
+    abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar), "params": params,
                       "opt_state": _abstract(jax.eval_shape(optimizer.init, trainable), opt_shardings)}
     state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     settings = loss_settings(cfg)
-    rows = batch_sharding(mesh, rules, 1)
+    rows = batch_sharding(mesh, rules)
     reference_model = settings.uses_reference and not cfg.reference.precompute
     ref_shardings: Optional[Any] = param_shardings if reference_model else None
-    num_micro = cfg.trainer.batch_size // cfg.trainer.micro_batch
-    train_step = jax.jit(make_train_step(graphdef, settings, optimizer, schedule, num_micro, split),
+    train_step = jax.jit(make_train_step(graphdef, settings, optimizer, schedule, cfg.trainer.accumulation_steps,
+                                         split),
                          in_shardings=(state_shardings, ref_shardings, rows),
                          out_shardings=(state_shardings, scalar), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(graphdef, settings), in_shardings=(param_shardings, ref_shardings, rows))
     reference_logps = jax.jit(make_reference_logps(graphdef), in_shardings=(param_shardings, rows),
                               out_shardings=scalar)
     return TrainProgram(cfg, mesh, spec, execution, graphdef, split, settings, optimizer, schedule,
-                        layout_of(cfg.data.prefix_sharing), data_parallel, abstract_state, rows, train_step,
-                        eval_step, reference_logps)
+                        layout_of(cfg.data.prefix_sharing), reference_model, data_parallel, abstract_state, rows,
+                        train_step, eval_step, reference_logps)

@@ -46,7 +46,10 @@ def resume_point(cfg: Config, run_dir: Path) -> Optional[tuple[int, dict]]:
 
 def check_architecture(meta: dict, spec: Architecture, where: str) -> None:
     """The checkpoint's parameters must be those of `spec` (its model folder may have changed under it)."""
-    saved = Architecture.from_dict(meta["model"])
+    try:
+        saved = Architecture.from_dict(meta["model"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: its model architecture cannot be read ({err})") from err
     if saved != spec:
         changed = [f"{key}: {value!r} -> {getattr(spec, key)!r}" for key, value in vars(saved).items()
                    if getattr(spec, key) != value]

@@ -18,7 +18,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxdpo.config import ConfigError, MeshConfig
 from maxdpo.kernels import partitioning
-from maxdpo.kernels.partitioning import logical_to_spec
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")  # outermost first; tensor is the innermost (fastest) axis
 
@@ -61,13 +60,13 @@ def mesh_context(mesh: Mesh, rules: dict) -> Iterator[None]:
 def tree_shardings(abstract_tree, axes_tree, rules: dict, mesh: Mesh):
     """NamedSharding for every array of `abstract_tree`, from the matching logical axes."""
     return jax.tree.map(
-        lambda leaf, axes: NamedSharding(mesh, logical_to_spec(axes, rules, mesh, leaf.shape)),
+        lambda leaf, axes: NamedSharding(mesh, partitioning.logical_to_spec(axes, rules, mesh, leaf.shape)),
         abstract_tree, axes_tree, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def batch_sharding(mesh: Mesh, rules: dict, ndim: int) -> NamedSharding:
-    """Batches are split over the `batch` rule on their leading dimension."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+def batch_sharding(mesh: Mesh, rules: dict) -> NamedSharding:
+    """Every batch field's rows (its leading dimension) split over the `batch` rule."""
+    return NamedSharding(mesh, partitioning.logical_to_spec(("batch",), rules, mesh))
 
 
 def data_parallel_size(mesh: Mesh, rules: dict) -> int:

@@ -20,7 +20,7 @@ from maxdpo.dpo.precompute import attach_reference_logps
 from maxdpo.dpo.step import finalize_metrics
 from maxdpo.metrics_log import MetricsLog
 from maxdpo.model_card import write_model_card
-from maxdpo.program import TrainProgram, architecture_from_config, build_train_program
+from maxdpo.program import TrainProgram, architecture_from_config, build_train_program, check_layout
 from maxdpo.resume import check_architecture, resume_point
 from maxdpo.sharding import make_mesh
 from maxdpo.weights import host_params, initial_params, reference_params
@@ -59,14 +59,15 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.mesh = make_mesh(cfg.mesh, devices)
         self.resume = resume_point(cfg, self.run_dir)
-        self.tokenizer = load_tokenizer(cfg)
-        check_vocab(architecture_from_config(cfg).vocab_size, self.tokenizer)  # before tokenising the data
-        self.data = prepare_run_data(cfg, self.tokenizer)
-        self.total_steps = self.data.total_steps(cfg.trainer.max_steps)
-        self.program = build_train_program(cfg, self.mesh, self.total_steps)
-        spec = self.program.spec
+        spec = architecture_from_config(cfg)  # everything checkable without the data, before tokenising it
         if self.resume is not None:
             check_architecture(self.resume[1], spec, f"checkpoint {self.run_dir / 'checkpoints' / str(self.resume[0])}")
+        check_layout(cfg, self.mesh, spec)
+        self.tokenizer = load_tokenizer(cfg)
+        check_vocab(spec.vocab_size, self.tokenizer)
+        self.data = prepare_run_data(cfg, self.tokenizer)
+        self.total_steps = self.data.total_steps(cfg.trainer.max_steps)
+        self.program = build_train_program(cfg, self.mesh, self.total_steps, spec)
         log.info("model: %s, %.2fM parameters, %d layers; mesh %s; process %d of %d", spec.family,
                  spec.num_params() / 1e6, spec.num_layers, dict(self.mesh.shape), jax.process_index(),
                  jax.process_count())

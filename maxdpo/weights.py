@@ -22,7 +22,7 @@ def init_params(program: TrainProgram, seed: int) -> dict:
     return jax.jit(create, out_shardings=program.param_shardings)()
 
 
-def load_params(program: TrainProgram, path: str) -> dict:
+def load_sharded(program: TrainProgram, path: str) -> dict:
     """HF weights, streamed from disk and placed tensor by tensor onto their shards."""
     spec = program.spec
     return load_params_sharded(resolve_path(path), spec, get_family(spec.family), program.param_shardings,
@@ -31,7 +31,7 @@ def load_params(program: TrainProgram, path: str) -> dict:
 
 def initial_params(program: TrainProgram) -> dict:
     cfg = program.cfg
-    return load_params(program, cfg.model.path) if cfg.model.path else init_params(program, cfg.run.seed)
+    return load_sharded(program, cfg.model.path) if cfg.model.path else init_params(program, cfg.run.seed)
 
 
 def reference_params(program: TrainProgram, initial: dict, copy: bool = True) -> dict:
@@ -40,7 +40,7 @@ def reference_params(program: TrainProgram, initial: dict, copy: bool = True) ->
     if path:
         if spec_from_pretrained(resolve_path(path))[1] != program.spec:
             raise ConfigError(f"reference.path {path} has a different architecture than the policy")
-        return load_params(program, path)
+        return load_sharded(program, path)
     return jax.tree.map(jnp.copy, initial) if copy else initial
 
 

@@ -12,7 +12,9 @@ from maxdpo.weights import initial_params, reference_params
 
 def train_steps(cfg: Config, devices=None, evaluate_at_end: bool = False) -> tuple[list[dict], dict]:
     """(metrics of each of the run's steps, eval metrics after the last step or {}), as floats. The same
-    program, data order and reference as `python -m maxdpo.train` with `cfg` (live reference model)."""
+    program, data order and reference as `python -m maxdpo.train` with `cfg`; the reference runs live
+    (`reference.precompute` runs go through the trainer)."""
+    assert not cfg.reference.precompute, "train_steps runs the reference model; use the trainer for precompute"
     data = prepare_run_data(cfg, load_tokenizer(cfg))
     total = data.total_steps(cfg.trainer.max_steps)
     program = build_train_program(cfg, make_mesh(cfg.mesh, devices), total)

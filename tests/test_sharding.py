@@ -6,7 +6,8 @@ import pytest
 
 from maxdpo.configure import load_config
 from maxdpo.kernels import partitioning
-from maxdpo.sharding import logical_to_spec, make_mesh, mesh_context, mesh_shape
+from maxdpo.kernels.partitioning import logical_to_spec
+from maxdpo.sharding import make_mesh, mesh_context, mesh_shape
 from programs import train_steps
 
 LAYOUTS = {

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from hf_models import maxdpo_params, tiny_hf, tiny_llama
 from maxdpo.config import FreezeConfig
-from maxdpo.data.batch import Batch
+from maxdpo.data.batch import PAIRED, Batch
 from maxdpo.data.sources import resolve_path
 from maxdpo.dpo.freeze import trainable_split
 from maxdpo.dpo.losses import LossHyper
@@ -85,7 +85,7 @@ def maxdpo_batch(trl_batch):
     attention = pairs(trl_batch["attention_mask"])
     return Batch(input_ids=pairs(trl_batch["input_ids"]), positions=np.maximum(np.cumsum(attention, -1) - 1, 0),
                  segment_ids=attention, completion_mask=pairs(trl_batch["completion_mask"]),
-                 pair_mask=np.ones((attention.shape[0], 1), np.float32))
+                 pair_mask=np.ones((attention.shape[0], 1), np.float32), layout=PAIRED)
 
 
 def maxdpo_step(tmp, batch, loss, beta, smoothing, sft_weight, aux_coef=0.0, num_micro=1):

@@ -1,12 +1,14 @@
-"""Times the full DPO train step (policy forward + backward, reference forward, optimizer) of a config.
+"""Times the full DPO train step of a config: policy forward + backward, the reference forward (unless
+precomputed or the loss has none: the random-init policy's copy stands in for the reference), optimizer.
 
     python tools/bench.py                                   # the default job's model and mesh
     python tools/bench.py CONFIG.yaml key=value ... --rows 8 --seq 2048 --prompt 1024 --json out.json
 
 The model is random-initialised from the config (`model.overrides` set its shape), the batch is
 synthetic: `--rows` pairs, chosen and rejected of `--seq` tokens each, the first `--prompt` of them
-prompt (laid out once per pair with `data.prefix_sharing=true`; tokens/s still counts both sequences). Prints compile time, step time (median of --steps after --warmup), tokens/s (chosen + rejected
-tokens, all real), peak memory (the device's allocator peak where it reports one, else the compiled
+prompt (laid out once per pair with `data.prefix_sharing=true`; tokens/s still counts both sequences).
+Prints compile time, step time (median of --steps after --warmup), tokens/s (chosen + rejected tokens,
+all real), peak memory (the device's allocator peak where it reports one, else the compiled
 step's footprint per device, and the process's peak RSS), and MFU = model FLOPs per step
 (`maxdpo/flops.py`) / step time / (devices x peak). The peak is the device's bf16 dense peak from a
 table (`--peak-tflops` overrides it; `--measure-peak` times a large bf16 matmul instead); on a CPU
@@ -32,7 +34,7 @@ from maxdpo.data.tokenize import TokenizedPair
 from maxdpo.flops import dpo_step_flops
 from maxdpo.program import build_train_program
 from maxdpo.sharding import make_mesh
-from maxdpo.weights import init_params, reference_params
+from maxdpo.weights import init_params
 
 PEAK_BF16_TFLOPS = {  # dense bf16 per chip, vendor figures
     "H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
 
     with program.mesh_context():
         params = init_params(program, cfg.run.seed)
-        ref_params = reference_params(program, params) if program.reference_model else None
+        ref_params = jax.tree.map(jnp.copy, params) if program.reference_model else None
         state = program.init_state(params)
         host_batch = synthetic_batch(rows, seq, prompt, spec.vocab_size, cfg.data.prefix_sharing, precompute)
         batch = jax.device_put(host_batch, program.batch_sharding)

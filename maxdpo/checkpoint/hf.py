@@ -250,7 +250,7 @@ def save_params(spec: Architecture, params: dict, out_dir: str | os.PathLike, dt
     family = get_family(spec.family)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    np_dtype = np.dtype(to_dtype(dtype) or jax.tree.leaves(params)[0].dtype)
+    np_dtype = np.dtype(to_dtype(dtype) or np.result_type(*(leaf.dtype for leaf in jax.tree.leaves(params))))
     shapes = abstract_model(spec)[1]
     sizes = []  # plan shards from shapes alone
     for entry in family.param_entries(spec):

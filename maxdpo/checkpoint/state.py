@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -63,11 +62,6 @@ def latest_meta(directory: str | Path) -> Optional[tuple[int, dict]]:
         return None if step is None else (step, store.read_meta(step))
     finally:
         store.close()
-
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) describing the arrays of `tree`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def find_checkpoint(source: str | Path) -> tuple[Path, int]:

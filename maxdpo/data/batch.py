@@ -32,9 +32,9 @@ class Batch:
     segment_ids: Any
     completion_mask: Any
     pair_mask: Any
+    layout: str = struct.field(pytree_node=False)
     prefix_target: Any = None
     ref_logps: Any = None
-    layout: str = struct.field(pytree_node=False, default=PAIRED)
 
     @property
     def shared(self) -> bool:
@@ -53,9 +53,8 @@ class Batch:
         """ShapeDtypeStructs of a batch of `rows` rows padded to `length` tokens."""
         tokens = jax.ShapeDtypeStruct((rows, SIDES[layout], length), jnp.int32)
         return cls(*(tokens,) * len(SEQUENCE_FIELDS), pair_mask=jax.ShapeDtypeStruct((rows, slots), jnp.float32),
-                   prefix_target=jax.ShapeDtypeStruct((rows, 1, length), jnp.int32) if layout == SHARED else None,
-                   ref_logps=jax.ShapeDtypeStruct((rows, slots, 2), jnp.float32) if ref_logps else None,
-                   layout=layout)
+                   layout=layout, prefix_target=jax.ShapeDtypeStruct((rows, 1, length), jnp.int32) if layout == SHARED else None,
+                   ref_logps=jax.ShapeDtypeStruct((rows, slots, 2), jnp.float32) if ref_logps else None)
 
     def flat(self, name: str) -> jax.Array:
         """A sequence field with rows and sides merged: [rows * sides, T]."""

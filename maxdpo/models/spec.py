@@ -46,6 +46,7 @@ class Architecture:
     num_experts: int = 0
     num_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.0
+
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
