@@ -17,7 +17,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxdpo.config import ConfigError, MeshConfig
-from maxdpo.kernels import partitioning
+from maxdpo.kernels import partitioning, platform
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")  # outermost first; tensor is the innermost (fastest) axis
 
@@ -52,8 +52,10 @@ def make_mesh(mesh_cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = No
 
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh, rules: dict) -> Iterator[None]:
-    """The ambient mesh and logical rules to trace the model under (its kernels shard by both)."""
-    with jax.set_mesh(mesh), partitioning.logical_rules(rules):
+    """The ambient mesh and logical rules to trace the model under: its kernels shard by both and are built
+    for the mesh's devices (Mosaic for TPU, Triton for GPU), whatever the host's backend."""
+    target = platform.compile_target(mesh.devices.flat[0].platform)
+    with jax.set_mesh(mesh), partitioning.logical_rules(rules), target:
         yield
 
 

@@ -76,3 +76,21 @@ def test_grouped_matmul_compiles_for_v5p(v5p_device):
     compiled = _compile(grads, v5p_device, ((4096, 4096), jnp.bfloat16), ((8, 4096, 14336), jnp.bfloat16),
                         ((8, 4096, 14336), jnp.bfloat16), ((8, 14336, 4096), jnp.bfloat16), ((4096, 2), jnp.int32))
     assert compiled.as_text().count("tpu_custom_call") >= 9  # 3 forward, 3 d_lhs, 3 d_rhs
+
+
+def test_the_train_program_for_a_tpu_topology_runs_the_mosaic_kernels():
+    """A CPU process compiling the run's program for v5p builds the flash kernels for the target's devices
+    (Mosaic custom calls), not the GPU kernels' interpreter that the host's default backend would pick."""
+    from jax.experimental import topologies
+
+    from maxdpo.compile import compile_program
+    from maxdpo.configure import load_config
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
+    counts = {}
+    for impl in ("xla", "pallas"):
+        cfg = load_config(None, [f"model.attention={impl}", "mesh.data=1", "mesh.fsdp=4"])
+        compiled, _ = compile_program(cfg, devices)
+        counts[impl] = compiled.as_text().count("tpu_custom_call")
+    # the scanned layer's attention: the policy's forward, dq and dk/dv, and the reference's forward
+    assert counts["xla"] == 0 and counts["pallas"] >= 4, counts
