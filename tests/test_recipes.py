@@ -13,11 +13,14 @@ from maxdpo.checkpoint.safetensors_io import SafetensorsFile
 from maxdpo.config import ConfigError
 from maxdpo.configure import load_config
 from maxdpo.stages import DONE_FILE, stage_configs
+from maxdpo.topology import parse_topology
 
 RECIPES = ["mixtral_8x7b_instruct_dpo", "notux_8x7b_dpo", "smaug_mixtral_dpop", "llama3_8b_two_stage_dpo",
            "gemma_7b_sft_dpo"]
 QUICK = ["trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0", "trainer.log_every=1"]
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+needs_cuda_plugin = pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda13") is None,
+                                       reason="jax-cuda13-plugin is not installed")
 
 
 def _rows(run_dir):
@@ -125,6 +128,8 @@ def _check_memory(report, params):
     assert weights / 4 <= memory["arguments"] * 1e9 < (weights + 2 * 4 * params) / 2 + batch
 
 
+@pytest.mark.gpu_aot
+@needs_cuda_plugin
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_tiny_twin_compiles_for_an_h100_mesh(tmp_path, recipe):
     out = tmp_path / "report.json"
@@ -140,6 +145,8 @@ def test_tiny_twin_compiles_for_an_h100_mesh(tmp_path, recipe):
         assert report["fits"] and report["gb_per_device"]["total"] < 1  # a tiny model: well under a GB
 
 
+@pytest.mark.gpu_aot
+@needs_cuda_plugin
 def test_a_step_too_big_for_the_chip_does_not_fit(tmp_path):
     """The same tiny twin at 8k tokens a sequence: the XLA attention's [T, T] scores are 4 pairs a device x 2
     sequences x 4 heads x 8192^2 x 4 bytes = 8.6 GB a copy, and the step holds many (2 layers, policy and
@@ -160,9 +167,9 @@ def test_tiny_twin_compiles_for_tpu_and_sizes_parse(tmp_path):
     assert aot.main(["tiny_notux_8x7b_dpo.yaml", "--topology", "v5p-8", "--json", str(out)]) == 0
     (report,) = json.loads(out.read_text())
     assert report["devices"] == 4 and report["mesh"] == {"fsdp": 4} and report["gb_per_device"]["total"] > 0
-    assert aot.parse_topology("v5p-64").tpu_name == "v5p:2x4x4"
-    assert aot.parse_topology("v5p-8").tpu_name == "v5p:2x2x1"
-    assert aot.parse_topology("v5e-16").tpu_name == "v5e:4x4"
+    assert parse_topology("v5p-64").tpu_name == "v5p:2x4x4"
+    assert parse_topology("v5p-8").tpu_name == "v5p:2x2x1"
+    assert parse_topology("v5e-16").tpu_name == "v5e:4x4"
 
 
 @pytest.mark.slow

@@ -1,0 +1,51 @@
+"""The run's program compiles for NVIDIA H100/H200 with XLA:GPU on this CPU machine (deviceless, through
+ptxas to SASS), with the flash kernels on their Triton path. Needs the CUDA plugin (part of the test extra)."""
+import importlib.util
+
+import pytest
+
+from maxdpo.compile import compile_program
+from maxdpo.configure import load_config
+from maxdpo.topology import TopologyError, compile_devices, parse_topology
+
+pytestmark = [pytest.mark.gpu_aot,
+              pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda13") is None,
+                                 reason="jax-cuda13-plugin is not installed")]
+
+
+def test_gpu_topologies_name_hosts_and_chips():
+    one, explicit = parse_topology("h100:8"), parse_topology("H100:1x8")
+    assert (one.chip, one.chips, one.hosts) == (explicit.chip, explicit.chips, explicit.hosts) == ("h100", 8, 1)
+    two_hosts = parse_topology("h100:2x8")
+    assert (two_hosts.chip, two_hosts.chips, two_hosts.hosts, two_hosts.is_gpu) == ("h100", 16, 2, True)
+    assert not parse_topology("v5p-8").is_gpu
+    with pytest.raises(TopologyError, match="unknown topology 'a100:8'"):
+        parse_topology("a100:8")
+
+
+@pytest.mark.parametrize("name,kind", [("h100:8", "NVIDIA H100 80GB HBM3"), ("h200:2x4", "NVIDIA H200")])
+def test_compile_devices_are_the_named_chips(name, kind):
+    devices = compile_devices(parse_topology(name))
+    assert len(devices) == 8 and {d.device_kind for d in devices} == {kind} and devices[0].platform == "gpu"
+
+
+def test_the_train_program_for_h100_runs_the_triton_kernels():
+    """A CPU process compiling for GPUs builds the flash kernels for the target (Triton custom calls: the
+    policy's forward, dq and dk/dv, the reference's forward), not the interpreter of its own backend."""
+    devices = compile_devices(parse_topology("h100:8"))
+    counts = {}
+    for impl in ("xla", "pallas"):
+        compiled, _ = compile_program(load_config(None, [f"model.attention={impl}"]), devices)
+        counts[impl] = compiled.as_text().count("__gpu$xla.gpu.triton")
+    assert counts == {"xla": 0, "pallas": 4}
+
+
+def test_a_missing_cuda_plugin_is_one_line_naming_the_packages(monkeypatch):
+    from maxdpo import topology
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(topology.importlib.util, "find_spec",
+                        lambda name: None if name.startswith("jax_plugins") else real(name))
+    with pytest.raises(TopologyError, match=r'needs the CUDA plugin of this jax: pip install "jax-cuda13-plugin==\S+" '
+                                            r'"jax-cuda13-pjrt==\S+"'):
+        compile_devices(parse_topology("h100:8"))
