@@ -26,8 +26,9 @@ def _gmm_kernel(tile_expert_ref, used_ref, lhs_ref, rhs_ref, out_ref, *, block_k
         weights = rhs_ref[expert, :, ks] if transpose_rhs else rhs_ref[expert, ks, :]
         return acc + product(lhs_ref[:, ks], weights)
 
-    steps = jnp.where(i < used_ref[0], lhs_ref.shape[1] // block_k, 0)
-    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(out_ref.shape, jnp.float32))
+    # int32 bounds (a bound made of Python ints by jnp.where would be i1 to Triton's scf.for)
+    steps = (i < used_ref[0]).astype(jnp.int32) * (lhs_ref.shape[1] // block_k)
+    acc = jax.lax.fori_loop(jnp.int32(0), steps, step, jnp.zeros(out_ref.shape, jnp.float32))
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
