@@ -28,7 +28,9 @@ BACKENDS = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
 def default_block_sizes(backend: str, q_len: int, kv_len: int, head_dim: int) -> BlockSizes:
     """Tiles that keep a [block_q, head_dim] query tile, two key tiles and the fp32 accumulator on chip.
 
-    GPU: 128x64 forward (64x64 for head_dim 256), 64x64 backward, shrunk to short sequences.
+    GPU: 128x64 forward (64x64 for head_dim 256), 64x64 backward (64x32 above head_dim 64: the dk/dv kernel
+    keeps two fp32 [block_k, head_dim] accumulators in registers, which spilled at head_dim 256 and sat at
+    the 255-register limit at 128; `tools/kernel_resources.py`), shrunk to short sequences.
     TPU: 512 (256 for head_dim 256), multiples of 128 for the lane dimension.
     """
     if backend == "tpu":
@@ -36,8 +38,8 @@ def default_block_sizes(backend: str, q_len: int, kv_len: int, head_dim: int) ->
         bq, bk = min(big, round_up(q_len, 128)), min(big, round_up(kv_len, 128))
         return BlockSizes(bq, bk, bq, bk)
     fit_q, fit_k = max(16, next_power_of_2(q_len)), max(16, next_power_of_2(kv_len))
-    forward_q = 64 if head_dim > 128 else 128
-    return BlockSizes(min(forward_q, fit_q), min(64, fit_k), min(64, fit_q), min(64, fit_k))
+    forward_q, backward_q = (64, 32) if head_dim > 128 else (128, 64)
+    return BlockSizes(min(forward_q, fit_q), min(64, fit_k), min(backward_q, fit_q), min(32, fit_k))
 
 
 class _Statics(NamedTuple):
