@@ -52,27 +52,14 @@ def test_a_missing_cuda_plugin_is_one_line_naming_the_packages(monkeypatch):
 
 
 def test_grouped_matmul_compiles_for_h100_at_the_mixtral_shape():
-    """Mixtral-8x7B experts (8, top-2, 4096 x 14336), 4096 tokens, bf16, forward + backward, through Triton and
-    ptxas: the three forward matmuls, their input gradients and weight gradients (the forward kernel's loop
-    bounds once failed Triton's parse)."""
+    """Mixtral-8x7B experts, forward + backward, through Triton and ptxas: the three forward matmuls, their
+    input gradients and weight gradients (the forward kernel's loop bounds once failed Triton's parse)."""
     import jax
-    import jax.numpy as jnp
 
-    from maxdpo.models.moe import pallas_experts
+    from tools.kernel_resources import compile_grouped_matmul
 
     mesh = jax.sharding.Mesh(compile_devices(parse_topology("h100:1")), ("x",))
-    one_gpu = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def grads(x, gate, up, down, experts):
-        def loss(x, gate, up, down):
-            out = pallas_experts(x, experts, jnp.full(experts.shape, 0.5, jnp.float32), gate, up, down, jax.nn.silu,
-                                 backend="gpu", interpret=False)
-            return jnp.sum(out.astype(jnp.float32) ** 2)
-        return jax.grad(loss, argnums=(0, 1, 2, 3))(x, gate, up, down)
-
-    shapes = [((4096, 4096), jnp.bfloat16), ((8, 4096, 14336), jnp.bfloat16), ((8, 4096, 14336), jnp.bfloat16),
-              ((8, 14336, 4096), jnp.bfloat16), ((4096, 2), jnp.int32)]
-    compiled = jax.jit(grads).lower(*(jax.ShapeDtypeStruct(s, d, sharding=one_gpu) for s, d in shapes)).compile()
+    compiled = compile_grouped_matmul(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     assert compiled.as_text().count("__gpu$xla.gpu.triton") == 9  # 3 forward, 3 d_lhs, 3 d_rhs
 
 

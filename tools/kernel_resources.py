@@ -67,7 +67,9 @@ def compile_attention(name: str, settings: dict, sharding) -> None:
     jax.jit(grads).lower(*(jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes)).compile()
 
 
-def compile_grouped_matmul(sharding) -> None:
+def compile_grouped_matmul(sharding):
+    """The Pallas experts' forward + backward at the Mixtral-8x7B shape (8 experts, top-2, 4096 x 14336, 4096
+    tokens, bf16), compiled for `sharding`'s device."""
     import jax
     import jax.numpy as jnp
 
@@ -82,7 +84,8 @@ def compile_grouped_matmul(sharding) -> None:
 
     shapes = [((4096, 4096), jnp.bfloat16), ((8, 4096, 14336), jnp.bfloat16), ((8, 4096, 14336), jnp.bfloat16),
               ((8, 14336, 4096), jnp.bfloat16), ((4096, 2), jnp.int32)]
-    jax.jit(grouped_matmul_mixtral).lower(*(jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes)).compile()
+    return jax.jit(grouped_matmul_mixtral).lower(*(jax.ShapeDtypeStruct(s, d, sharding=sharding)
+                                                   for s, d in shapes)).compile()
 
 
 def ptx_kernels(dump: Path) -> list[tuple[str, str, Path]]:
