@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config (path or bundled name)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.micro_batch_size=4")
-    parser.add_argument("--topology", required=True, help="v5p:4x4x2, v5p-64, v5e:4x4, v4:2x2x2, h100:8, h200:8, h100:2x8")
+    parser.add_argument("--topology", required=True,
+                        help="v5p:4x4x2, v5p-64, v5e:4x4, v4:2x2x2, h100:8, h200:8, h100:2x8")
     parser.add_argument("--json", help="also write the report to this file")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     use_cpu_host()

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from maxdpo.kernels.flash_attention import flash_attention
-from maxdpo.models.moe import pallas_experts
 
 pytestmark = [pytest.mark.tpu_aot,
               pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")]
@@ -66,15 +65,9 @@ def test_gemma2_local_attention_compiles_for_v5p(v5p_device):
 
 def test_grouped_matmul_compiles_for_v5p(v5p_device):
     """Mixtral-8x7B experts (8, top-2, 4096 x 14336), 4096 tokens, bf16, forward + backward."""
-    def grads(x, gate, up, down, experts):
-        def loss(x, gate, up, down):
-            out = pallas_experts(x, experts, jnp.full(experts.shape, 0.5, jnp.float32), gate, up, down, jax.nn.silu,
-                                 backend="tpu", interpret=False)
-            return jnp.sum(out.astype(jnp.float32) ** 2)
-        return jax.grad(loss, argnums=(0, 1, 2, 3))(x, gate, up, down)
+    from tools.kernel_resources import compile_grouped_matmul
 
-    compiled = _compile(grads, v5p_device, ((4096, 4096), jnp.bfloat16), ((8, 4096, 14336), jnp.bfloat16),
-                        ((8, 4096, 14336), jnp.bfloat16), ((8, 14336, 4096), jnp.bfloat16), ((4096, 2), jnp.int32))
+    compiled = compile_grouped_matmul(v5p_device, backend="tpu")
     assert compiled.as_text().count("tpu_custom_call") >= 9  # 3 forward, 3 d_lhs, 3 d_rhs
 
 

@@ -67,9 +67,9 @@ def compile_attention(name: str, settings: dict, sharding) -> None:
     jax.jit(grads).lower(*(jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes)).compile()
 
 
-def compile_grouped_matmul(sharding):
+def compile_grouped_matmul(sharding, backend: str = "gpu"):
     """The Pallas experts' forward + backward at the Mixtral-8x7B shape (8 experts, top-2, 4096 x 14336, 4096
-    tokens, bf16), compiled for `sharding`'s device."""
+    tokens, bf16), compiled with `backend`'s kernels for `sharding`'s device."""
     import jax
     import jax.numpy as jnp
 
@@ -78,7 +78,7 @@ def compile_grouped_matmul(sharding):
     def grouped_matmul_mixtral(x, gate, up, down, experts):
         def loss(x, gate, up, down):
             out = pallas_experts(x, experts, jnp.full(experts.shape, 0.5, jnp.float32), gate, up, down, jax.nn.silu,
-                                 backend="gpu", interpret=False)
+                                 backend=backend, interpret=False)
             return jnp.sum(out.astype(jnp.float32) ** 2)
         return jax.grad(loss, argnums=(0, 1, 2, 3))(x, gate, up, down)
 

@@ -52,8 +52,9 @@ class Batch:
     def abstract(cls, layout: str, rows: int, length: int, slots: int = 1, ref_logps: bool = False) -> "Batch":
         """ShapeDtypeStructs of a batch of `rows` rows padded to `length` tokens."""
         tokens = jax.ShapeDtypeStruct((rows, SIDES[layout], length), jnp.int32)
+        prefix_target = jax.ShapeDtypeStruct((rows, 1, length), jnp.int32) if layout == SHARED else None
         return cls(*(tokens,) * len(SEQUENCE_FIELDS), pair_mask=jax.ShapeDtypeStruct((rows, slots), jnp.float32),
-                   layout=layout, prefix_target=jax.ShapeDtypeStruct((rows, 1, length), jnp.int32) if layout == SHARED else None,
+                   layout=layout, prefix_target=prefix_target,
                    ref_logps=jax.ShapeDtypeStruct((rows, slots, 2), jnp.float32) if ref_logps else None)
 
     def flat(self, name: str) -> jax.Array:
