@@ -19,8 +19,17 @@ from maxdpo.kernels.attention_blocks import (MASK_VALUE, MaskRule, logits_tile, 
                                              visible)
 
 
-def _compiler_params(head_dim: int):
-    return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+def _compiler_params(num_warps: int):
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+
+
+# The forward's [block_q, block_k] logits and [block_q, head_dim] accumulator take 8 warps at every head_dim
+# (with 4 at head_dim 64 it sat at 232-251 registers); the backward's 64x32 tiles fit 4 warps up to 64.
+FORWARD_WARPS = 8
+
+
+def _backward_warps(head_dim: int) -> int:
+    return 4 if head_dim <= 64 else 8
 
 
 def _forward_kernel(ranges_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref,
@@ -67,7 +76,7 @@ def forward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, kv_ranges, *, rule, scale, so
         out_specs=[q_block, pl.BlockSpec((None, None, block_q), lambda b, n, i: (b, n, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)],
-        compiler_params=_compiler_params(head_dim), interpret=interpret, name="flash_attention_forward",
+        compiler_params=_compiler_params(FORWARD_WARPS), interpret=interpret, name="flash_attention_forward",
     )(kv_ranges, q, k, v, q_pos, q_seg, kv_pos, kv_seg)
 
 
@@ -119,7 +128,7 @@ def backward(q, k, v, q_pos, q_seg, kv_pos, kv_seg, kv_ranges, q_ranges, lse, de
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
     statics = dict(rule=rule, scale=scale, softcap=softcap)
-    params = _compiler_params(head_dim)
+    params = _compiler_params(_backward_warps(head_dim))
 
     q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda b, n, i: (b, i, n, 0))
     kv_whole = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, n, i: (b, 0, n // group, 0))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from maxdpo.data.loader import (BatchBuilder, BatchPlan, batch_iterator, collate, eval_schedule, pack_rows,
-                                training_schedule)
+from maxdpo.data.batch import collate
+from maxdpo.data.loader import BatchBuilder, BatchPlan, batch_iterator, eval_schedule, pack_rows, training_schedule
 from maxdpo.data.sources import resolve_path
 from maxdpo.data.store import PairStore
 from maxdpo.data.tokenize import PairTokenizer

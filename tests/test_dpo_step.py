@@ -14,8 +14,7 @@ import maxdpo
 from hf_models import maxdpo_params, tiny_hf, tiny_llama
 from maxdpo.config import OptimizerConfig
 from maxdpo.configure import load_config
-from maxdpo.data.batch import PAIRED, Batch
-from maxdpo.data.loader import collate
+from maxdpo.data.batch import Batch, PAIRED, collate
 from maxdpo.data.prefix_sharing import collate_shared
 from maxdpo.data.sources import resolve_path
 from maxdpo.data.tokenize import PairTokenizer

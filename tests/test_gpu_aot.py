@@ -66,7 +66,8 @@ def test_grouped_matmul_compiles_for_h100_at_the_mixtral_shape():
 def test_every_gpu_kernel_builds_for_h100_without_spills(tmp_path):
     """tools/kernel_resources.py compiles every flash-attention variant the models use (head_dim 64/128/256,
     GQA, MQA, window + soft-cap, packed segments, prefix sharing; forward, dq, dk/dv) and the grouped matmuls
-    at the Mixtral shape to SASS with ptxas: none spills or passes 255 registers."""
+    at the Mixtral shape to SASS with ptxas: none spills or comes near 255 registers, and each launch's
+    shared memory fits an SM."""
     import json
     import subprocess
     import sys
@@ -84,21 +85,17 @@ def test_every_gpu_kernel_builds_for_h100_without_spills(tmp_path):
     matmuls = [r["kernel"].split("__")[0] for r in rows if r["kernel"].startswith("grouped_matmul")]
     # 9 calls (3 forward, 3 d_lhs, 3 d_rhs); XLA keeps one PTX kernel for identical ones
     assert len(matmuls) >= 6 and set(matmuls) == {"grouped_matmul", "grouped_matmul_weight_grad"}
-    assert all(r["spill_stores"] == r["spill_loads"] == 0 and r["registers"] <= 255 for r in rows)
-
-
-LLAMA_1B = ["model.overrides.vocab_size=128256", "model.overrides.hidden_size=2048", "model.overrides.intermediate_size=8192",
-            "model.overrides.num_layers=16", "model.overrides.num_heads=32", "model.overrides.num_kv_heads=8",
-            "model.overrides.head_dim=64", "model.overrides.tie_word_embeddings=true",
-            "model.overrides.max_position_embeddings=4096", "model.dtype=bfloat16", "model.remat=full",
-            "model.attention=pallas", "data.max_length=2048", "data.max_prompt_length=1024"]
+    assert all(r["spill_stores"] == r["spill_loads"] == 0 for r in rows)
+    assert max(r["registers"] for r in rows) <= 224  # headroom under the 255 limit (the h64 forward sat at 251)
+    assert all(0 < r["shared_bytes"] <= 227 * 1024 and r["blocks_per_sm"] >= 1 for r in rows)
 
 
 @pytest.mark.parametrize("topology,layout,gpus", [
-    ("h100:1", ["mesh.data=1", "trainer.batch_size=8", "trainer.micro_batch_size=1"], 1),
+    ("h100:1", ["mesh.data=1"], 1),
     ("h100:8", ["mesh.data=1", "mesh.fsdp=8", "trainer.batch_size=64", "trainer.micro_batch_size=8"], 8)])
 def test_the_1b_llama_dpo_step_compiles_and_fits_h100(tmp_path, topology, layout, gpus):
-    """The Llama-3.2-1B shape, DPO with the reference on device, seq 2048, Pallas attention: XLA:GPU's plan
+    """configs/bench_llama3_1b_dpo.yaml (the Llama-3.2-1B shape, DPO with the reference on device, seq 2048,
+    Pallas attention; the step tools/gpu_check.py runs on a GPU): XLA:GPU's plan
     holds the fp32 policy, its two Adam moments and the fp32 reference (16 bytes a parameter, split over the
     GPUs) as arguments, and fits an H100."""
     import json
@@ -106,7 +103,7 @@ def test_the_1b_llama_dpo_step_compiles_and_fits_h100(tmp_path, topology, layout
     from maxdpo import compile as aot
 
     out = tmp_path / "report.json"
-    assert aot.main(["tiny_llama_dpo.yaml", "--topology", topology, *LLAMA_1B, *layout, "--json", str(out)]) == 0
+    assert aot.main(["bench_llama3_1b_dpo.yaml", "--topology", topology, *layout, "--json", str(out)]) == 0
     (report,) = json.loads(out.read_text())
     memory = report["gb_per_device"]
     state = 16 * report["params_billion"] / gpus  # GB

@@ -11,8 +11,7 @@ import pytest
 from maxdpo.checkpoint.hf import hf_config_dict
 from maxdpo.config import ConfigError, resume_free_keys
 from maxdpo.configure import load_config
-from maxdpo.data.batch import PAIRED, SHARED, Batch
-from maxdpo.data.loader import collate
+from maxdpo.data.batch import Batch, PAIRED, SHARED, collate
 from maxdpo.data.prefix_sharing import collate_shared
 from maxdpo.data.tokenize import TokenizedPair
 from maxdpo.dpo.losses import LOSSES

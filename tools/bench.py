@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxdpo.configure import load_config
-from maxdpo.data.batch import Batch
-from maxdpo.data.loader import collate
+from maxdpo.data.batch import Batch, collate
 from maxdpo.data.prefix_sharing import collate_shared
 from maxdpo.data.tokenize import TokenizedPair
 from maxdpo.flops import dpo_step_flops
@@ -50,8 +49,8 @@ def table_peak(device_kind: str):
 
 
 def measured_peak(size: int = 8192, iters: int = 20) -> float:
-    """TFLOP/s of one device on a size^3 bf16 matmul (median)."""
-    a = jnp.ones((size, size), jnp.bfloat16)
+    """TFLOP/s of one device on a size^3 bf16 matmul of random values (median)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
     matmul = jax.jit(lambda x: x @ x)
     jax.block_until_ready(matmul(a))
     times = []

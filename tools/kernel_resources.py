@@ -1,13 +1,14 @@
-"""Registers and spills of the Pallas GPU kernels as ptxas builds them for an H100, with no GPU present.
+"""Registers, spills and shared memory of the Pallas GPU kernels as built for an H100, with no GPU present.
 
     python -m tools.kernel_resources [--head-dims 64 128 256] [--json out.json]
 
 Each flash-attention variant the models use (causal GQA, MQA, sliding window + soft-cap as Gemma-2,
 packed segments, prefix-shared rows), forward and backward, at 2048 tokens in bf16, and the grouped
 matmul forward and backward at the Mixtral expert shape, are compiled by XLA:GPU deviceless
-(`maxdpo.topology`); XLA writes each Triton kernel's PTX (`--xla_dump_to`), and `ptxas -v -arch=sm_90a`
-reports its registers and spill bytes. Prints one row per kernel; exit status 1 if any kernel spills or
-exceeds 255 registers. XLA_FLAGS is set here, so run it in its own process.
+(`maxdpo.topology`); XLA writes each Triton kernel's PTX and its launch (grid, threads, dynamic shared memory)
+to `--xla_dump_to`, and `ptxas -v -arch=sm_90a` reports its registers and spill bytes. From those, the
+blocks one H100 SM holds at once. Prints one row per kernel; exit status 1 if any kernel spills or exceeds
+255 registers. XLA_FLAGS is set here, so run it in its own process.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from pathlib import Path
 
 PTXAS_CANDIDATES = ("/usr/local/cuda/bin/ptxas", "/usr/local/cuda-13.0/bin/ptxas")
 REGISTER_LIMIT = 255
+# One H100 (sm_90) SM: 64K registers, 228 KiB shared memory (1 KiB of it reserved per block), 2048 threads, 32 blocks.
+SM_REGISTERS, SM_SHARED_BYTES, BLOCK_RESERVED_SHARED, SM_THREADS, SM_BLOCKS = 65536, 233472, 1024, 2048, 32
 
 
 def find_ptxas() -> str:
@@ -107,6 +110,34 @@ def ptxas_report(ptxas: str, ptx: Path) -> dict:
     return {"registers": registers, "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2))}
 
 
+def kernel_launches(dump: Path, function: str) -> dict[str, dict]:
+    """Triton kernel name -> {grid, threads, shared_bytes} from XLA's thunk sequence of `function`."""
+    launches = {}
+    for path in dump.glob(f"module_*.jit_{function}.thunk_sequence.txt"):
+        for name, grid, threads, shared in re.findall(
+                r"kCustomKernel \[[^]]*\] (\w+) grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+shared_memory: (\d+) bytes",
+                path.read_text()):
+            launches[name] = {"grid": [int(g) for g in grid.split(",")], "threads": int(threads.split(",")[0]),
+                              "shared_bytes": int(shared)}
+    return launches
+
+
+def blocks_per_sm(registers: int, threads: int, shared_bytes: int) -> int:
+    """Resident blocks per H100 SM, limited by registers (allocated per warp in units of 256), shared memory,
+    threads and the block limit."""
+    warps = -(-threads // 32)
+    registers_per_warp = -(-registers * 32 // 256) * 256
+    by_registers = SM_REGISTERS // (registers_per_warp * warps)
+    by_shared = SM_SHARED_BYTES // (shared_bytes + BLOCK_RESERVED_SHARED)
+    return min(by_registers, by_shared, SM_THREADS // threads, SM_BLOCKS)
+
+
+def kernel_row(ptxas: str, function: str, kernel: str, ptx: Path, launches: dict[str, dict]) -> dict:
+    row = {"function": function, "kernel": kernel, **ptxas_report(ptxas, ptx), **launches[kernel]}
+    row["blocks_per_sm"] = blocks_per_sm(row["registers"], row["threads"], row["shared_bytes"])
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
@@ -127,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         compile_attention(name, settings, sharding)
     if not args.no_grouped_matmul:
         compile_grouped_matmul(sharding)
-    rows = [{"function": function, "kernel": kernel, **ptxas_report(ptxas, path)}
+    rows = [kernel_row(ptxas, function, kernel, path, kernel_launches(dump, function))
             for function, kernel, path in ptx_kernels(dump)]
     for row in rows:
         print(f"{row['function']:28s} {row['kernel']:34s} registers {row['registers']:3d}  "
-              f"spills {row['spill_stores']}/{row['spill_loads']} bytes")
+              f"spills {row['spill_stores']}/{row['spill_loads']} B  shared {row['shared_bytes'] / 1024:5.1f} KiB  "
+              f"threads {row['threads']:3d}  blocks/SM {row['blocks_per_sm']}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     shutil.rmtree(dump, ignore_errors=True)

@@ -1,7 +1,9 @@
 """The batch the train, eval and reference steps take: a pytree whose layout is a static field.
 
 Two layouts (K pair slots per row: 1, or more when packing; T the padded length):
-- PAIRED: side axis 2, row 0 the chosen sequences, row 1 the rejected ones (`loader.collate`).
+- PAIRED: side axis 2, row 0 the chosen sequences, row 1 the rejected ones (`collate`). Positions
+  restart at 0 for each packed pair, segment ids are k+1 on the tokens of pair slot k (0 on padding),
+  completion_mask is 1 on completion tokens (the tokens whose log-probs count).
 - SHARED: side axis 1, a pair as one row `prompt | chosen | rejected` (`prefix_sharing.collate_shared`),
   with `prefix_target`.
 
@@ -13,12 +15,15 @@ Fields that a layout or run does not use are None.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+if TYPE_CHECKING:
+    from maxdpo.data.tokenize import TokenizedPair
 
 PAIRED, SHARED = "paired", "shared"
 SIDES = {PAIRED: 2, SHARED: 1}
@@ -80,3 +85,21 @@ def empty_batch(layout: str, rows: int, length: int, slots: int, pad_id: int) ->
     prefix_target = np.full((rows, 1, length), -1, np.int32) if layout == SHARED else None
     return Batch(**tokens, pair_mask=np.zeros((rows, slots), np.float32), prefix_target=prefix_target,
                  layout=layout)
+
+
+def collate(rows: list[list[TokenizedPair]], length: int, slots: int, pad_id: int) -> Batch:
+    """Host arrays of rows of pairs in the paired layout (module docstring), padded to `length`."""
+    batch = empty_batch(PAIRED, len(rows), length, slots, pad_id)
+    for r, pairs in enumerate(rows):
+        cursor = [0, 0]
+        for slot, pair in enumerate(pairs):
+            batch.pair_mask[r, slot] = 1.0
+            for side, (sequence, prompt_len) in enumerate(((pair.chosen, pair.chosen_prompt_len),
+                                                           (pair.rejected, pair.rejected_prompt_len))):
+                start, end = cursor[side], cursor[side] + len(sequence)
+                batch.input_ids[r, side, start:end] = sequence
+                batch.positions[r, side, start:end] = np.arange(len(sequence))
+                batch.segment_ids[r, side, start:end] = slot + 1
+                batch.completion_mask[r, side, start + prompt_len:end] = 1
+                cursor[side] = end
+    return batch

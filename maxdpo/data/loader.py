@@ -7,11 +7,10 @@ fills it with empty rows). Each batch is padded to the smallest bucket length (p
 max_length) that holds its longest row, so the jitted step compiles for a few shapes only, and every
 process pads to the same length. Process p of P builds rows [p*R/P, (p+1)*R/P) of each batch.
 
-A batch is a `batch.Batch` of this process's rows. In the paired layout (`collate`) positions restart at
-0 for each packed pair, segment ids are k+1 on the tokens of the row's pair slot k (0 on padding), and
-completion_mask is 1 on completion tokens (the tokens whose log-probs count). Packing puts a pair's chosen sequence in the chosen row and its rejected sequence in the rejected row,
-in the same slot, so a pair is always (chosen slot k, rejected slot k) of one row. With
-`data.prefix_sharing` a pair is one row `prompt | chosen | rejected` instead (prefix_sharing.py).
+A batch is a `batch.Batch` of this process's rows (`batch.collate` lays out the paired layout). Packing
+puts a pair's chosen sequence in the chosen row and its rejected sequence in the rejected row, in the same
+slot, so a pair is always (chosen slot k, rejected slot k) of one row. With `data.prefix_sharing` a pair
+is one row `prompt | chosen | rejected` instead (prefix_sharing.py).
 """
 from __future__ import annotations
 
@@ -21,11 +20,10 @@ from typing import Optional
 import grain
 import numpy as np
 
-from maxdpo.data.batch import PAIRED, Batch, empty_batch, layout_of, longest_row
+from maxdpo.data.batch import Batch, collate, layout_of, longest_row
 from maxdpo.data.prefix_sharing import collate_shared, sequence_tokens, shared_row_lengths
 from maxdpo.data.sources import DataError
 from maxdpo.data.store import PairStore
-from maxdpo.data.tokenize import TokenizedPair
 
 def bucket_lengths(max_length: int, smallest: int = 16) -> list[int]:
     """Powers of two from `smallest` up to `max_length`, and `max_length` itself."""
@@ -149,24 +147,6 @@ def eval_schedule(store: PairStore, plan: BatchPlan) -> Schedule:
     lengths = pair_lengths(store, plan)
     rows = _rows_in_order(lengths, np.arange(len(store)), plan)
     return _schedule(lengths, [rows], plan.batch_size, plan.row_length, keep_partial=True)
-
-
-def collate(rows: list[list[TokenizedPair]], length: int, slots: int, pad_id: int) -> Batch:
-    """Lays out rows of pairs in the paired layout (see the module docstring) padded to `length`."""
-    batch = empty_batch(PAIRED, len(rows), length, slots, pad_id)
-    for r, pairs in enumerate(rows):
-        cursor = [0, 0]
-        for slot, pair in enumerate(pairs):
-            batch.pair_mask[r, slot] = 1.0
-            for side, (sequence, prompt_len) in enumerate(((pair.chosen, pair.chosen_prompt_len),
-                                                           (pair.rejected, pair.rejected_prompt_len))):
-                start, end = cursor[side], cursor[side] + len(sequence)
-                batch.input_ids[r, side, start:end] = sequence
-                batch.positions[r, side, start:end] = np.arange(len(sequence))
-                batch.segment_ids[r, side, start:end] = slot + 1
-                batch.completion_mask[r, side, start + prompt_len:end] = 1
-                cursor[side] = end
-    return batch
 
 
 @dataclasses.dataclass(frozen=True)

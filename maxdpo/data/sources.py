@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
+if TYPE_CHECKING:  # imported where rows are loaded: `datasets` takes most of a second to import
+    import datasets
 
 BUNDLED_PREFIX = "bundled:"
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
@@ -32,6 +34,8 @@ def resolve_path(source: str) -> str:
 
 
 def _pick_split(loaded, source: str, split: str) -> datasets.Dataset:
+    import datasets
+
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{source} has no split '{split}'; it has {sorted(loaded)} (set data.train_split / "
@@ -41,6 +45,8 @@ def _pick_split(loaded, source: str, split: str) -> datasets.Dataset:
 
 
 def _load_folder(path: Path, split: str) -> datasets.Dataset:
+    import datasets
+
     if any((path / marker).is_file() for marker in SAVED_DATASET_MARKERS):
         return _pick_split(datasets.load_from_disk(str(path)), str(path), split)
     try:
@@ -51,6 +57,8 @@ def _load_folder(path: Path, split: str) -> datasets.Dataset:
 
 def load_rows(source: str, split: str = "train") -> datasets.Dataset:
     """The rows of `source` (see the module docstring); a missing file or unknown name is a DataError."""
+    import datasets
+
     path_text = resolve_path(source)
     path = Path(path_text)
     if path.is_dir():
