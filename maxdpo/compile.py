@@ -5,7 +5,9 @@ compiled for the devices of NAME with abstract inputs only (no weights, no data)
 libtpu (`v5p:4x4x2`, `v5e:4x4`, `v4:2x2x2`, or a size alias such as `v5p-64`, counted in TensorCores as
 Google names them), NVIDIA GPUs through XLA:GPU with no GPU present (`h100:8`, `h200:8`, `h100:2x8` for two
 hosts of eight), Pallas kernels on their Mosaic or Triton path (`maxdpo.topology`). The batch is the global
-`trainer.batch_size` pairs at `data.max_length` (the unpacked, worst-case shape).
+`trainer.batch_size` pairs at `data.max_length` (the unpacked, worst-case shape). A configured micro batch
+that the topology's data-parallel size does not divide is raised to the next one that it does (and said),
+unless `trainer.micro_batch_size` is given on the command line.
 
 Prints per-device memory (arguments, outputs, temporaries, total) as the target's compiler plans it, model
 FLOPs per step (`maxdpo.flops`) and whether the total fits the chip's memory; `--json` writes the same. Exit
@@ -25,7 +27,7 @@ from maxdpo.configure import load_config
 from maxdpo.data.sources import resolve_path
 from maxdpo.flops import dpo_step_flops
 from maxdpo.program import build_train_program
-from maxdpo.sharding import make_mesh
+from maxdpo.sharding import data_parallel_size, make_mesh
 from maxdpo.stages import stage_configs
 from maxdpo.topology import CHIP_MEMORY_GB, Topology, TopologyError, compile_devices, parse_topology, use_cpu_host
 
@@ -37,6 +39,24 @@ def architecture_only(cfg: Config) -> Config:
               f"with model.overrides {cfg.model.overrides or {}}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=None))
     return cfg
+
+
+def fit_micro_batch(cfg: Config, devices) -> Config:
+    """`cfg` with a micro batch that the topology's data-parallel size divides: the config's own when it does,
+    else the smallest such divisor of trainer.batch_size above it (said on stdout). For a micro batch set on
+    the command line the caller skips this, and a misfit stays an error."""
+    micro, rows = cfg.trainer.micro_batch, cfg.trainer.batch_size
+    parallel = data_parallel_size(make_mesh(cfg.mesh, devices), cfg.mesh.logical_axis_rules)
+    if micro % parallel == 0:
+        return cfg
+    fitting = [m for m in range(parallel, rows + 1, parallel) if rows % m == 0]
+    if not fitting:
+        raise ConfigError(f"trainer.batch_size {rows} cannot be split over the {parallel} data-parallel devices of "
+                          f"this topology; set trainer.batch_size to a multiple of {parallel}")
+    chosen = next((m for m in fitting if m >= micro), fitting[-1])
+    print(f"maxdpo.compile: {cfg.run.name}: micro batch {micro} does not split over {parallel} data-parallel "
+          f"devices; using trainer.micro_batch_size={chosen} (set it on the command line to choose)")
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, micro_batch_size=chosen))
 
 
 def compile_program(cfg: Config, devices) -> tuple:
@@ -92,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             stage, model=dataclasses.replace(stage.model, path=first.path, overrides=first.overrides)))
             for stage in configs]
         devices = compile_devices(topology)
+        if not any(text.startswith("trainer.micro_batch_size=") for text in args.overrides):
+            configs = [fit_micro_batch(stage, devices) for stage in configs]
         results = [report(stage, topology, devices) for stage in configs]
     except (ConfigError, TopologyError) as err:
         print(f"maxdpo.compile: error: {err}", file=sys.stderr)

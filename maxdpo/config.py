@@ -344,12 +344,25 @@ def check_values(cfg: Config) -> None:
 
 
 def read_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """base.yaml <- the config file (bundled default when None) <- dotted overrides; values checked."""
+    """base.yaml <- the config file (bundled default when None) <- dotted overrides; values checked.
+
+    A config file that describes a random-init model (model.path null, its shape in model.overrides and
+    its tokenizer in tokenizer.path, as the bundled default does) gives way to a model.path named on the
+    command line: that model's config.json and tokenizer are used, unless the command line sets
+    model.overrides or tokenizer.path itself."""
     cfg = Config()
     apply_mapping(cfg, _read_yaml(bundled_config_path("base.yaml")))
     apply_mapping(cfg, _read_yaml(resolve_config_path(path or DEFAULT_CONFIG)))
-    for text in overrides:
-        apply_mapping(cfg, parse_override(text))
+    random_init = cfg.model.path is None
+    mappings = [parse_override(text) for text in overrides]
+    for mapping in mappings:
+        apply_mapping(cfg, mapping)
+    if random_init and cfg.model.path is not None:
+        given = [(m.get("model") or {}, m.get("tokenizer") or {}) for m in mappings]
+        if not any("overrides" in model for model, _ in given):
+            cfg.model.overrides = {}
+        if not any("path" in tokenizer for _, tokenizer in given):
+            cfg.tokenizer.path = None
     check_values(cfg)
     return cfg
 

@@ -18,7 +18,7 @@ from maxdpo.checkpoint.safetensors_io import CheckpointError
 from maxdpo.checkpoint.state import CheckpointStore, find_checkpoint
 from maxdpo.config import ConfigError
 from maxdpo.configure import from_dict
-from maxdpo.data.run_data import load_tokenizer
+from maxdpo.data.run_data import export_tokenizer
 from maxdpo.model_card import write_model_card
 from maxdpo.models.spec import Architecture
 from maxdpo.models.transformer import abstract_model
@@ -42,7 +42,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: str | None
         store.close()
     out = save_params(spec, jax.tree.map(jax.device_get, params), out_dir, dtype or cfg.export.dtype)
     try:
-        load_tokenizer(cfg).save_pretrained(out)
+        export_tokenizer(cfg, out)
     except (ConfigError, OSError) as err:
         log.warning("tokenizer not exported: %s", err)
     write_model_card(out, cfg, directory.parent / "metrics.jsonl", step, meta.get("mesh", {}),

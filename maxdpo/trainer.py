@@ -15,7 +15,7 @@ from maxdpo.checkpoint.hf import save_params
 from maxdpo.checkpoint.state import CheckpointStore
 from maxdpo.config import Config, save_config, to_dict
 from maxdpo.data.loader import BatchBuilder, BatchIterator, batch_iterator, batch_tokens
-from maxdpo.data.run_data import RunData, check_vocab, load_tokenizer, prepare_run_data
+from maxdpo.data.run_data import RunData, check_vocab, export_tokenizer, load_tokenizer, prepare_run_data
 from maxdpo.dpo.precompute import attach_reference_logps
 from maxdpo.dpo.step import finalize_metrics
 from maxdpo.metrics_log import MetricsLog
@@ -188,7 +188,7 @@ class Trainer:
         if not self.is_main:
             return
         save_params(self.program.spec, host, out_dir, self.cfg.export.dtype)
-        self.tokenizer.save_pretrained(out_dir)
+        export_tokenizer(self.cfg, out_dir)
         write_model_card(out_dir, self.cfg, self.run_dir / "metrics.jsonl", step, dict(self.mesh.shape),
                          self.program.data_parallel)
         log.info("exported Hugging Face model to %s", out_dir)

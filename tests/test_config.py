@@ -56,3 +56,26 @@ def test_override_parsing_and_key_list():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_naming_a_model_replaces_the_default_configs_random_init_shape_and_tokenizer():
+    """`python -m maxdpo.train model.path=HF_DIR` on the bundled default (a random-init shape in
+    model.overrides, the bundled tokenizer): the named model's config.json and tokenizer are used."""
+    cfg = load_config(None, ["model.path=/models/llama", "data.train=rows.jsonl"])
+    assert cfg.model.path == "/models/llama" and cfg.model.overrides == {} and cfg.tokenizer.path is None
+    kept = load_config(None, ["model.path=/models/llama", "tokenizer.path=/tok", "model.overrides.num_layers=2"])
+    assert kept.tokenizer.path == "/tok" and kept.model.overrides["num_layers"] == 2
+    assert load_config(None).model.overrides["hidden_size"] == 128  # random init keeps its shape
+
+
+
+
+def test_overrides_given_with_a_model_path_are_refused(tmp_path):
+    from hf_models import tiny_llama
+    from maxdpo.program import architecture_from_config
+
+    tiny_llama(tmp_path / "model")
+    assert architecture_from_config(load_config(None, [f"model.path={tmp_path / 'model'}"])).num_layers == 3
+    cfg = load_config(None, [f"model.path={tmp_path / 'model'}", "model.overrides.num_layers=2"])
+    with pytest.raises(ConfigError, match="model.overrides applies to random init only"):
+        architecture_from_config(cfg)

@@ -7,7 +7,6 @@ import pytest
 from transformers import AutoTokenizer
 
 from maxdpo.config import ColumnsConfig, DataConfig
-from maxdpo.data import sources
 from maxdpo.data.formats import InvalidRow, RowFormat, detect_format, to_example
 from maxdpo.data.pipeline import prepare_pairs
 from maxdpo.data.sources import DataError, load_rows
@@ -56,7 +55,7 @@ def test_a_hub_name_goes_through_load_dataset_with_the_split(monkeypatch):
         calls.append((name, split))
         return real_load_dataset(str(FORMATS / "ultrafeedback_binarized"), split=split)
 
-    monkeypatch.setattr(sources.datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     rows = load_rows("HuggingFaceH4/ultrafeedback_binarized", "test_prefs")
     assert calls == [("HuggingFaceH4/ultrafeedback_binarized", "test_prefs")] and len(rows) == 2
 
@@ -65,7 +64,7 @@ def test_an_unreachable_hub_name_is_a_data_error(monkeypatch):
     def unreachable(name, split):
         raise ConnectionError("offline")
 
-    monkeypatch.setattr(sources.datasets, "load_dataset", unreachable)
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(DataError, match="could not load dataset 'org/missing' \\(split 'train'\\): offline"):
         load_rows("org/missing")
 
@@ -91,15 +90,15 @@ def test_malformed_file_is_named(tmp_path):
 # -- formats ------------------------------------------------------------------------------------------------
 def test_plain_rows_stay_untemplated_under_auto(tokenizer):
     prepared = _prepare(tokenizer, FORMATS / "plain.jsonl")
-    assert _decoded(tokenizer, prepared.store) == ("<s>What is 2 + 3?", " 2 + 3 = 5.</s>", " 2 + 3 = 6.</s>")
+    assert _decoded(tokenizer, prepared.store) == ("What is 2 + 3?", " 2 + 3 = 5.</s>", " 2 + 3 = 6.</s>")
 
 
 def test_ultrafeedback_binarized_takes_the_prompt_from_the_shared_messages(tokenizer):
     """prompt is a string, chosen/rejected whole conversations: TRL extracts the shared user turn."""
     prepared = _prepare(tokenizer, FORMATS / "ultrafeedback_binarized", "train_prefs", chat_template="chatml")
     assert _decoded(tokenizer, prepared.store) == (
-        "<s><|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n",
-        "2 + 3 = 5.<|im_end|>\n</s>", "2 + 3 = 6.<|im_end|>\n</s>")
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n",
+        "2 + 3 = 5.<|im_end|>\n", "2 + 3 = 6.<|im_end|>\n")  # as TRL: the template's tokens only
 
 
 def test_auto_uses_the_tokenizers_own_template(tokenizer):
@@ -124,7 +123,7 @@ def test_multi_turn_prompt_messages(tokenizer):
 def test_implicit_text_prompt_splits_like_trl(tokenizer):
     prepared = _prepare(tokenizer, FORMATS / "hh_saved", "test")
     assert _decoded(tokenizer, prepared.store) == (
-        "<s>\n\nHuman: What comes after Monday?\n\nAssistant:", " Tuesday comes after Monday.</s>",
+        "\n\nHuman: What comes after Monday?\n\nAssistant:", " Tuesday comes after Monday.</s>",
         " Sunday comes after Monday.</s>")
 
 
@@ -132,7 +131,7 @@ def test_columns_rename(tokenizer, tmp_path):
     path = tmp_path / "renamed.jsonl"
     path.write_text(json.dumps({"question": "What is 2 + 3?", "good": " 5", "bad": " 6"}) + "\n")
     prepared = _prepare(tokenizer, path, columns=ColumnsConfig("question", "good", "bad"))
-    assert _decoded(tokenizer, prepared.store) == ("<s>What is 2 + 3?", " 5</s>", " 6</s>")
+    assert _decoded(tokenizer, prepared.store) == ("What is 2 + 3?", " 5</s>", " 6</s>")
 
 
 def test_missing_columns_are_named(tokenizer, tmp_path):
@@ -208,20 +207,20 @@ def test_llama3_with_the_german_system_prompt_matches_the_seed_card(tokenizer):
     """Llama-3-SauerkrautLM card: the German system prompt rendering, byte for byte."""
     renderer = ChatRenderer(_Specials(tokenizer, "<|begin_of_text|>", "<|end_of_text|>"), BUILTIN_TEMPLATES["llama3"],
                             GERMAN_SYSTEM)
-    prompt, completion = renderer([{"role": "user", "content": "Input"}], [{"role": "assistant", "content": "Ja."}])
+    prompt, full = renderer([{"role": "user", "content": "Input"}], [{"role": "assistant", "content": "Ja."}])
     assert prompt == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + GERMAN_SYSTEM +
                       "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nInput<|eot_id|>"
                       "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert completion == "Ja.<|eot_id|>"
+    assert full == prompt + "Ja.<|eot_id|>"
 
 
 def test_vicuna_matches_the_gemma_seed_card(tokenizer):
     renderer = ChatRenderer(_Specials(tokenizer, "<bos>", "<eos>"), BUILTIN_TEMPLATES["vicuna"],
                             "You are a helpful AI Assistant.")
-    prompt, completion = renderer([{"role": "user", "content": "Hello, how are you?"}],
+    prompt, full = renderer([{"role": "user", "content": "Hello, how are you?"}],
                                   [{"role": "assistant", "content": "Fine."}])
-    assert prompt == "You are a helpful AI Assistant. USER: Hello, how are you? ASSISTANT:"
-    assert completion == " Fine.<eos>"
+    assert prompt == "<bos>You are a helpful AI Assistant. USER: Hello, how are you? ASSISTANT:"
+    assert full == prompt + " Fine.<eos>"
 
 
 def test_mistral_matches_the_mixtral_seed_card(tokenizer):
@@ -251,12 +250,13 @@ def test_non_alternating_turns_are_a_template_error(tokenizer):
 
 
 # Token ids of one fixed conversation (system prompt, two user turns) per built-in template on the fixture
-# tokenizer: (prompt ids, chosen completion ids). A change here changes what every model is trained on.
+# tokenizer: (prompt ids, chosen completion ids). A change here changes what every model is trained on. The
+# templates write every special token (TRL's rule): chatml no BOS, and no EOS after a template's own end.
 GOLDEN = {
     "llama3": ([1, 4, 93, 99, 93, 94, 79, 87, 5, 209, 209, 44, 79, 352, 92, 284, 80, 24, 6, 4, 95, 93, 267, 5, 209, 209,
                 358, 343, 342, 41, 6, 4, 75, 93, 93, 270, 280, 88, 94, 5, 209, 209, 366, 24, 6, 4, 95, 93, 267, 5, 209,
                 209, 324, 274, 273, 308, 310, 41, 6, 4, 75, 93, 93, 270, 280, 88, 94, 5, 209, 209],
-               [28, 308, 310, 285, 337, 24, 6, 2]),
+               [28, 308, 310, 285, 337, 24, 6]),
     "mistral": ([1, 69, 51, 56, 61, 62, 71, 338, 79, 352, 92, 284, 80, 24, 209, 209, 358, 343, 342, 41, 231, 69, 25, 51,
                  56, 61, 62, 71, 394, 24, 2, 69, 51, 56, 61, 62, 71, 231, 324, 274, 273, 308, 310, 41, 231, 69, 25, 51,
                  56, 61, 62, 71],
@@ -264,15 +264,15 @@ GOLDEN = {
     "gemma": ([1, 7, 95, 93, 267, 209, 44, 79, 352, 92, 284, 80, 24, 209, 209, 358, 343, 342, 41, 8, 209, 7, 87, 89, 78,
                335, 209, 366, 24, 8, 209, 7, 95, 93, 267, 209, 324, 274, 273, 308, 310, 41, 8, 209, 7, 87, 89, 78, 335,
                209],
-              [28, 308, 310, 285, 337, 24, 8, 209, 2]),
+              [28, 308, 310, 285, 337, 24, 8, 209]),
     "vicuna": ([1, 44, 79, 352, 92, 284, 80, 24, 231, 63, 61, 47, 60, 36, 231, 358, 343, 342, 41, 330, 61, 61, 51, 61,
                 62, 43, 56, 62, 36, 394, 24, 2, 63, 61, 47, 60, 36, 231, 324, 274, 273, 308, 310, 41, 330, 61, 61, 51,
                 61, 62, 43, 56, 62, 36],
                [273, 308, 310, 285, 337, 24, 2]),
-    "chatml": ([1, 9, 93, 99, 93, 94, 79, 87, 209, 44, 79, 352, 92, 284, 80, 24, 10, 209, 9, 95, 93, 267, 209, 358, 343,
+    "chatml": ([9, 93, 99, 93, 94, 79, 87, 209, 44, 79, 352, 92, 284, 80, 24, 10, 209, 9, 95, 93, 267, 209, 358, 343,
                 342, 41, 10, 209, 9, 75, 93, 93, 270, 280, 88, 94, 209, 366, 24, 10, 209, 9, 95, 93, 267, 209, 324, 274,
                 273, 308, 310, 41, 10, 209, 9, 75, 93, 93, 270, 280, 88, 94, 209],
-               [28, 308, 310, 285, 337, 24, 10, 209, 2]),
+               [28, 308, 310, 285, 337, 24, 10, 209]),
 }
 
 
@@ -286,8 +286,7 @@ def test_golden_token_ids(tokenizer, tmp_path, name):
     pair = _prepare(tokenizer, path, chat_template=name, system_prompt="Be brief.").store.pair(0)
     ids = pair.chosen.tolist()
     assert (ids[:pair.chosen_prompt_len], ids[pair.chosen_prompt_len:]) == GOLDEN[name]
-    assert ids.count(tokenizer.bos_token_id) == 1
-    assert ids[-1] == tokenizer.eos_token_id and ids[-2] != tokenizer.eos_token_id  # one EOS ends the completion
+    assert ids.count(tokenizer.bos_token_id) == (name != "chatml")  # the template's own BOS, never doubled
 
 
 def test_jinja_template_from_a_file_and_inline(tokenizer, tmp_path):
@@ -296,4 +295,4 @@ def test_jinja_template_from_a_file_and_inline(tokenizer, tmp_path):
     from_file = _prepare(tokenizer, FORMATS / "plain.jsonl", chat_template=str(tmp_path / "mine.jinja"))
     inline = _prepare(tokenizer, FORMATS / "plain.jsonl", chat_template=text)
     assert (from_file.store.tokens == inline.store.tokens).all()
-    assert _decoded(tokenizer, inline.store)[:2] == ("<s><user>What is 2 + 3?<assistant>", " 2 + 3 = 5.</s>")
+    assert _decoded(tokenizer, inline.store)[:2] == ("<user>What is 2 + 3?<assistant>", " 2 + 3 = 5.")

@@ -15,9 +15,9 @@ from maxdpo.data.tokenize import PairTokenizer
 def store():
     tokenizer = AutoTokenizer.from_pretrained(resolve_path("bundled:tiny/tokenizer"))
     pair_tokenizer = PairTokenizer(tokenizer, 32, 16)
-    texts = [(f"copy {' '.join('abcdefgh'[:1 + i % 8])} :", " " + " ".join("abcdefgh"[:1 + i % 8]), " z")
-             for i in range(40)]
-    pairs = [pair for pair, _ in pair_tokenizer.encode_many(texts)]
+    texts = [pair_tokenizer.plain_texts(f"copy {' '.join('abcdefgh'[:1 + i % 8])} :",
+                                        " " + " ".join("abcdefgh"[:1 + i % 8]), " z") for i in range(40)]
+    pairs = [pair for pair, _ in pair_tokenizer.encode_many(texts, rendered=False)]
     return PairStore.from_pairs(pairs, list(range(40)))
 
 

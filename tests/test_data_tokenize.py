@@ -1,4 +1,5 @@
-"""Tokenisation as TRL does it: BOS once, EOS ending completions, boundary merges, truncation edge cases."""
+"""Tokenisation rules (TRL parity over tokenizer kinds is tests/test_tokenize_as_trl.py): EOS ending completions,
+the shared prompt boundary, truncation edge cases."""
 import pytest
 from transformers import AutoTokenizer
 
@@ -26,26 +27,25 @@ def test_pair_tokenisation_follows_trl(tokenizer):
     assert not truncated.prompt and not truncated.completion
 
 
-def test_no_double_bos_and_no_double_eos(tokenizer):
-    bos, eos = tokenizer.bos_token, tokenizer.eos_token
-    pair, _ = PairTokenizer(tokenizer, 32, 16)(f"{bos} copy a b :", f" a b {eos}", " a c")
-    assert pair.chosen.tolist().count(tokenizer.bos_token_id) == 1
+def test_a_completion_that_ends_with_eos_gets_no_second_one(tokenizer):
+    pair, _ = PairTokenizer(tokenizer, 32, 16)("copy a b :", f" a b {tokenizer.eos_token}", " a c")
     assert pair.chosen.tolist().count(tokenizer.eos_token_id) == 1
     assert pair.rejected[-1] == tokenizer.eos_token_id
 
 
-def test_boundary_merge_moves_split_back():
-    """With a BPE tokenizer, a prompt ending mid-word merges with the completion; the split moves back."""
+def test_a_merge_across_the_boundary_moves_both_sides_prompt_back():
+    """With a BPE tokenizer, a prompt ending mid-word merges with one completion's start: as in TRL, the prompt
+    of both sides ends where the first side departs from the prompt's own tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "ab": 4, "c": 5}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
     core.pre_tokenizer = pre_tokenizers.Split(" ", "isolated")
     bpe = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
-    pair, _ = PairTokenizer(bpe, 16, 8)("ca", "b", "c")
-    assert pair.chosen.tolist() == [0, 5, 4, 1]  # <s> c | ab </s>: "ab" counts as completion
-    assert pair.chosen_prompt_len == 2
-    assert pair.rejected.tolist() == [0, 5, 2, 5, 1] and pair.rejected_prompt_len == 3
+    pair, _ = PairTokenizer(bpe, 16, 8)("ca", "b", "c")  # no post-processor: no BOS
+    assert pair.chosen.tolist() == [5, 4, 1]  # c | ab </s>: "ab" counts as completion
+    assert pair.rejected.tolist() == [5, 2, 5, 1]  # c | a c </s>
+    assert pair.chosen_prompt_len == pair.rejected_prompt_len == 1
 
 
 @pytest.mark.parametrize("mode,kept", [("keep_end", "d e :"), ("keep_start", "copy a b")])

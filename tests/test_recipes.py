@@ -176,3 +176,17 @@ def test_tiny_twin_compiles_for_tpu_and_sizes_parse(tmp_path):
 @needs_libtpu
 def test_mixtral_dpo_with_reference_fits_a_v5p_64():
     assert aot.main(["notux_8x7b_dpo.yaml", "--topology", "v5p-64"]) == 0
+
+
+@pytest.mark.gpu_aot
+@needs_cuda_plugin
+def test_a_micro_batch_the_topology_cannot_split_is_raised_to_one_it_can(tmp_path, capsys):
+    """The notux recipe's micro batch (32: one pair per chip of a v5p-64) on 64 GPUs: compile picks 64 and
+    says so; the same micro batch given on the command line stays an error naming it."""
+    out = tmp_path / "report.json"
+    assert aot.main(["tiny_notux_8x7b_dpo.yaml", "--topology", "h100:8x8", "--json", str(out)]) == 0
+    (report,) = json.loads(out.read_text())
+    assert report["devices"] == 64 and report["micro_batch"] == 64 and report["rows"] == 64
+    assert "using trainer.micro_batch_size=64" in capsys.readouterr().out
+    assert aot.main(["tiny_notux_8x7b_dpo.yaml", "--topology", "h100:8x8", "trainer.micro_batch_size=32"]) == 2
+    assert "micro batch of 32 rows" in capsys.readouterr().err

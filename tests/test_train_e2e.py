@@ -133,15 +133,15 @@ def test_bad_row_names_file_and_row(tmp_path, capsys):
 
 
 def test_start_from_hf_checkpoint(tmp_path):
-    """model.path: an HF folder (here a previous run's export) is the policy and the reference."""
+    """model.path: an HF folder is the policy and the reference. Naming it on top of the default config is enough:
+    the default's random-init shape (model.overrides) and tokenizer give way to the folder's own."""
     from hf_models import tiny_llama
     tiny_llama(tmp_path / "base", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
     transformers.AutoTokenizer.from_pretrained(
         maxdpo.data.sources.resolve_path("bundled:tiny/tokenizer")).save_pretrained(tmp_path / "base")
     run_dir = tmp_path / "run"
-    assert train.main(["model.path=" + str(tmp_path / "base"), "tokenizer.path=null", "model.overrides=null",
-                       "trainer.max_steps=2", "trainer.batch_size=8", "trainer.log_every=1",
-                       f"run.output_dir={run_dir}"]) == 0
+    assert train.main(["model.path=" + str(tmp_path / "base"), "trainer.max_steps=2", "trainer.batch_size=8",
+                       "trainer.log_every=1", f"run.output_dir={run_dir}"]) == 0
     first = _rows(run_dir)[0]
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
     assert (run_dir / "hf" / "model.safetensors").is_file()

@@ -176,12 +176,11 @@ def accuracy(smoke: bool) -> dict:
     seed = int.from_bytes(os.urandom(4), "little")
     rng = np.random.default_rng(seed)
     variants = attention_variants([64] if smoke else [64, 128, 256])
-    seq = 128 if smoke else 1024
+    seq = 64 if smoke else 1024
     experts_shape = (dict(tokens=64, hidden=64, mlp=128, experts=4, top_k=2) if smoke else
                      dict(tokens=2048, hidden=4096, mlp=14336, experts=8, top_k=2))
-    if smoke:  # one variant of each row layout, few heads
-        variants = {name: {**variants[name], "heads": (4, 2)}
-                    for name in ("causal_gqa_h64", "packed_h64", "prefix_shared_h64")}
+    if smoke:  # the prefix-shared variant (the most involved ids), few heads
+        variants = {"prefix_shared_h64": {**variants["prefix_shared_h64"], "heads": (4, 2)}}
     checks = [check for name, settings in variants.items() for check in attention_accuracy(name, settings, seq, rng)]
     checks += experts_accuracy(experts_shape, rng)
     return dict(seed=seed, bounds=ERROR_BOUNDS, checks=checks, passed=all(c["passed"] for c in checks))

@@ -29,7 +29,7 @@ from maxdpo.data.tokenize import PairTokenizer
 
 log = logging.getLogger("maxdpo")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: TRL 1.16's rule (the tokenizer's own special tokens, shared prompt boundary)
 CHUNK_ROWS = 1024
 MAX_AUTO_PROCESSES = 8
 
@@ -75,11 +75,14 @@ class PairBuilder:
         templated = row_format.kind == "conversational" or settings.template_setting != "auto"
         self.renderer = (ChatRenderer(tokenizer, settings.chat_template, settings.system_prompt) if templated
                          else None)
+        if self.renderer is None and tokenizer.eos_token is None:
+            raise DataError("the tokenizer has no EOS token; plain-text completions must end with one")
 
     def _texts(self, row: dict) -> tuple[str, str, Optional[str]]:
+        """(prompt, prompt + chosen, prompt + rejected or None) as text, plain or rendered."""
         example = to_example(row, self.row_format)
         if self.renderer is None:
-            return example.prompt, example.chosen, example.rejected
+            return self.tokenizer.plain_texts(example.prompt, example.chosen, example.rejected)
         example = as_conversation(example)
         try:
             prompt, chosen = self.renderer(example.prompt, example.chosen)
@@ -96,7 +99,7 @@ class PairBuilder:
                 indices.append(first_index + offset)
             except InvalidRow as err:
                 result.invalid.append((first_index + offset, str(err)))
-        for index, outcome in zip(indices, self.tokenizer.encode_many(texts)):
+        for index, outcome in zip(indices, self.tokenizer.encode_many(texts, rendered=self.renderer is not None)):
             if isinstance(outcome, InvalidRow):
                 result.invalid.append((index, str(outcome)))
                 continue

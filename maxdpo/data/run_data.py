@@ -4,30 +4,56 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import jax
 from transformers import AutoTokenizer
 
+from maxdpo.atomic import write_text
 from maxdpo.config import Config, ConfigError
 from maxdpo.data.loader import BatchBuilder, BatchPlan, eval_schedule, training_schedule
 from maxdpo.data.pipeline import PreparedData, prepare_pairs
 from maxdpo.data.sources import resolve_path
+from maxdpo.data.templates import resolve_template
 from maxdpo.dpo.losses import LOSSES
 
 
-def load_tokenizer(cfg: Config):
+# What a Hugging Face tokenizer folder may hold. An export copies those present byte for byte, so the exported
+# tokenizer is the one training used: saving it again through transformers can change it (5.x drops a
+# SentencePiece tokenizer's `legacy` flag, and Mixtral's then splits `[INST]` after `</s>` differently).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def tokenizer_folder(cfg: Config) -> Path:
     source = cfg.tokenizer.path or cfg.model.path
     if not source:
         raise ConfigError("no tokenizer: set tokenizer.path (or model.path to a folder with tokenizer files)")
-    path = resolve_path(source)
-    if not Path(path).exists():
+    path = Path(resolve_path(source))
+    if not path.exists():
         raise ConfigError(f"tokenizer path not found: {path}")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    return path
+
+
+def load_tokenizer(cfg: Config):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(cfg))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def export_tokenizer(cfg: Config, out: Path) -> None:
+    """The run's tokenizer files, copied into `out`; with a chat template other than the tokenizer's own, the
+    one training rendered with as chat_template.jinja (which transformers loads in place of the config's)."""
+    folder = tokenizer_folder(cfg)
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, out / name)
+    if cfg.data.chat_template != "auto":
+        write_text(out / "chat_template.jinja", resolve_template(cfg.data.chat_template, tokenizer=None))
 
 
 def check_vocab(vocab_size: int, tokenizer) -> None:

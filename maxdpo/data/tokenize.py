@@ -1,10 +1,17 @@
-"""Tokenises preference pairs as TRL does for text.
+"""Tokenises preference pairs as TRL's DPOTrainer (1.16) does.
 
-Completion tokens are the tokens of prompt+completion beyond the prompt's own tokens (one token back
-when the tokenizer merged across the boundary); BOS is put in front once, EOS ends every completion.
-Too-long pairs are cut as TRL cuts them: first the prompt to `max_prompt_length` (keeping its start or
-end, BOS kept), then the completions to what `max_length` leaves. A prompt longer than `max_length`
-itself is not a pair that truncation can save: it is an invalid row.
+A pair is three texts: the prompt, prompt + chosen and prompt + rejected. Plain-text rows are tokenised
+by calling the tokenizer as it is, so a BOS (or any special token) appears exactly where the tokenizer's
+own post-processor puts one, and each completion ends with the EOS token's text (unless it already ends
+with it). Conversations are rendered by the chat template and tokenised without added special tokens, as
+`apply_chat_template(tokenize=True)` does: the template writes them. The prompt ends where the prompt's
+tokens and those of both prompt + completion sequences first differ, which is earlier than the prompt's
+own end when a token merges across the boundary or a template renders a prompt alone differently; both
+sequences share that prompt.
+
+Too-long pairs are cut: first the prompt to `max_prompt_length` (keeping its start or end, a leading BOS
+kept), then the completions to what `max_length` leaves. A prompt longer than `max_length` itself is not a
+pair that truncation can save: it is an invalid row.
 
 An SFT example (no rejected text) gets a one-token rejected stub, the chosen side's first token with no
 completion tokens: it costs one position in a packed row and adds nothing to the SFT loss.
@@ -17,7 +24,6 @@ from typing import Optional
 import numpy as np
 
 from maxdpo.data.formats import InvalidRow
-from maxdpo.data.sources import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,36 +40,31 @@ class Truncation:
     completion: bool  # a completion was cut to fit max_length
 
 
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+def _encode(tokenizer, texts: list[str], special_tokens: bool) -> list[list[int]]:
     """Batched encoding (fast tokenizers spread a batch over threads)."""
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return tokenizer(texts, add_special_tokens=special_tokens)["input_ids"] if texts else []
 
 
-def _split(full: list[int], prompt_ids: list[int]) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) of prompt+completion's tokens, given the prompt's own tokens."""
-    start = len(prompt_ids)
-    if full[:start] != prompt_ids:  # the last prompt token merged with the completion's first
-        start -= 1
-    return full[:start], full[start:]
+def common_prefix_length(ids: list[int], other: list[int]) -> int:
+    """Leading tokens `ids` and `other` have in common."""
+    for index, (a, b) in enumerate(zip(ids, other)):
+        if a != b:
+            return index
+    return min(len(ids), len(other))
 
 
 class PairTokenizer:
     def __init__(self, tokenizer, max_length: int, max_prompt_length: int, truncation: str = "keep_end"):
-        if tokenizer.eos_token_id is None:
-            raise DataError("the tokenizer has no EOS token; completions must end with one")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.truncation = truncation
 
-    def _with_specials(self, prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int]]:
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        has_bos = bos is not None and prompt_ids[:1] == [bos]
-        body = prompt_ids[1:] if has_bos else prompt_ids
-        head = [bos] if bos is not None else []
-        if not completion_ids or completion_ids[-1] != eos:
-            completion_ids = completion_ids + [eos]
-        return head + body, completion_ids
+    def plain_texts(self, prompt: str, chosen: str, rejected: Optional[str]) -> tuple[str, str, Optional[str]]:
+        """(prompt, prompt + chosen, prompt + rejected) of a plain-text row, each completion ending in EOS."""
+        eos = self.tokenizer.eos_token
+        ended = [None if text is None else text if text.endswith(eos) else text + eos for text in (chosen, rejected)]
+        return prompt, prompt + ended[0], None if ended[1] is None else prompt + ended[1]
 
     def _truncate_prompt(self, prompt_ids: list[int]) -> list[int]:
         bos = self.tokenizer.bos_token_id
@@ -74,7 +75,6 @@ class PairTokenizer:
         return head + body
 
     def _assemble(self, sides: list[tuple[list[int], list[int]]]) -> tuple[TokenizedPair, Truncation]:
-        sides = [self._with_specials(p, c) for p, c in sides]
         longest_prompt = max(len(p) for p, _ in sides)
         if longest_prompt > self.max_length:
             raise InvalidRow(f"the prompt has {longest_prompt} tokens, more than data.max_length={self.max_length}")
@@ -93,15 +93,18 @@ class PairTokenizer:
             chosen_prompt_len=len(chosen_prompt), rejected_prompt_len=len(rejected_prompt))
         return pair, Truncation(cut_prompt, cut_completion)
 
-    def encode_many(self, texts: list[tuple[str, str, Optional[str]]]) -> list:
-        """For each (prompt, chosen, rejected or None): (TokenizedPair, Truncation), or the InvalidRow it raised."""
-        prompts = _encode(self.tokenizer, [p for p, _, _ in texts])
-        fulls = _encode(self.tokenizer, [p + c for p, c, _ in texts] + [p + (r or "") for p, _, r in texts])
+    def encode_many(self, texts: list[tuple[str, str, Optional[str]]], rendered: bool) -> list:
+        """For each (prompt, prompt + chosen, prompt + rejected or None) text, rendered by a chat template or
+        plain (`plain_texts`): (TokenizedPair, Truncation), or the InvalidRow it raised."""
+        prompts = _encode(self.tokenizer, [p for p, _, _ in texts], not rendered)
+        fulls = _encode(self.tokenizer, [c for _, c, _ in texts] + [r or c for _, c, r in texts], not rendered)
         results = []
         for index, prompt_ids in enumerate(prompts):
-            sides = [_split(fulls[index], prompt_ids), _split(fulls[len(texts) + index], prompt_ids)]
+            chosen, rejected = fulls[index], fulls[len(texts) + index]
+            boundary = min(common_prefix_length(prompt_ids, chosen), common_prefix_length(prompt_ids, rejected))
             try:
-                pair, truncation = self._assemble(sides)
+                pair, truncation = self._assemble([(chosen[:boundary], chosen[boundary:]),
+                                                   (rejected[:boundary], rejected[boundary:])])
                 if texts[index][2] is None:  # SFT
                     pair = dataclasses.replace(pair, rejected=pair.chosen[:1], rejected_prompt_len=1)
                 results.append((pair, truncation))
@@ -110,7 +113,8 @@ class PairTokenizer:
         return results
 
     def __call__(self, prompt: str, chosen: str, rejected: Optional[str]) -> tuple[TokenizedPair, Truncation]:
-        result = self.encode_many([(prompt, chosen, rejected)])[0]
+        """A plain-text row."""
+        result = self.encode_many([self.plain_texts(prompt, chosen, rejected)], rendered=False)[0]
         if isinstance(result, InvalidRow):
             raise result
         return result
