@@ -53,7 +53,7 @@ def maxdpo_pairs(tokenizer, rows, chat_template="auto"):
     row_format = detect_format(dataset.features, rows[0], DataConfig().columns, "auto", "rows")
     result = PairBuilder(tokenizer, settings, row_format).build(rows, 0)
     assert not result.invalid
-    return [pair for _, pair in result.pairs]
+    return [pair for _, pair in result.pairs], result.truncation["boundary_moved"]
 
 
 def assert_same(trl_rows, pairs):
@@ -66,8 +66,9 @@ def assert_same(trl_rows, pairs):
 def test_plain_text_pairs_equal_trls(tmp_path, model, kind):
     tokenizer = AutoTokenizer.from_pretrained(make_tokenizer(kind, tmp_path / kind))
     rows = BPE_ROWS if kind == "bpe_merges" else WORD_ROWS
-    pairs = maxdpo_pairs(tokenizer, rows)
+    pairs, moved = maxdpo_pairs(tokenizer, rows)
     assert_same(trl_ids(model, tokenizer, rows, tmp_path), pairs)
+    assert moved == (2 if kind == "bpe_merges" else 0)  # counted for the data report
     if kind == "bpe_merges":
         assert pairs[0].chosen_prompt_len == 0  # TRL's rule: the prompt ends where any side departs from it
     else:
@@ -78,4 +79,4 @@ def test_plain_text_pairs_equal_trls(tmp_path, model, kind):
 def test_conversations_equal_trls(tmp_path, model, template):
     tokenizer = AutoTokenizer.from_pretrained(make_tokenizer("adds_bos", tmp_path / "tok"))
     tokenizer.chat_template = BUILTIN_TEMPLATES[template]
-    assert_same(trl_ids(model, tokenizer, CONVERSATIONS, tmp_path), maxdpo_pairs(tokenizer, CONVERSATIONS))
+    assert_same(trl_ids(model, tokenizer, CONVERSATIONS, tmp_path), maxdpo_pairs(tokenizer, CONVERSATIONS)[0])

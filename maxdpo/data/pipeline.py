@@ -60,7 +60,7 @@ class DataSettings:
 @dataclasses.dataclass
 class ChunkResult:
     pairs: list  # (row index, TokenizedPair)
-    # truncated (pairs cut in any way), truncated_prompt, truncated_completion
+    # truncated (pairs cut in any way), truncated_prompt, truncated_completion, boundary_moved
     truncation: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     invalid: list = dataclasses.field(default_factory=list)  # (row index, reason)
 
@@ -106,7 +106,8 @@ class PairBuilder:
             pair, truncation = outcome
             result.pairs.append((index, pair))
             result.truncation.update(truncated=truncation.prompt or truncation.completion,
-                                     truncated_prompt=truncation.prompt, truncated_completion=truncation.completion)
+                                     truncated_prompt=truncation.prompt, truncated_completion=truncation.completion,
+                                     boundary_moved=truncation.boundary_moved)
         result.invalid.sort()
         return result
 
@@ -157,6 +158,9 @@ def _report_line(source: str, report: dict, settings: DataSettings, cached: bool
             f"data.max_length={settings.max_length} ({report['truncated_prompt']} prompts cut to "
             f"data.max_prompt_length={settings.max_prompt_length}, {report['truncated_completion']} completions cut); "
             f"{report['dropped']} dropped")
+    if report.get("boundary_moved"):
+        line += (f"; in {report['boundary_moved']} pairs the completion starts inside the prompt's last tokens (a "
+                 "token merges across the boundary, or the template renders a prompt alone differently; as TRL)")
     if report["dropped"]:
         reasons = ", ".join(f"{count} {reason}" for reason, count in report["dropped_by_reason"].items())
         line += f" by data.skip_invalid ({reasons}; first: row {report['first_dropped_row']})"
@@ -197,7 +201,7 @@ def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, sft: bool = F
     processes = data_cfg.num_proc or (min(MAX_AUTO_PROCESSES, os.cpu_count() or 1)
                                       if len(rows) >= MAX_AUTO_PROCESSES * chunk_rows else 1)
     pairs, row_indices, dropped = [], [], []
-    truncation = collections.Counter(truncated=0, truncated_prompt=0, truncated_completion=0)
+    truncation = collections.Counter(truncated=0, truncated_prompt=0, truncated_completion=0, boundary_moved=0)
     progress = tqdm(total=len(rows), desc=f"tokenising {Path(source).name}", unit="rows", disable=not show_progress)
     pool = (multiprocessing.get_context("spawn").Pool(processes, initializer=_init_worker, initargs=(builder,))
             if processes > 1 else None)

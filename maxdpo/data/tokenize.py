@@ -38,6 +38,7 @@ class TokenizedPair:
 class Truncation:
     prompt: bool  # the prompt was cut to max_prompt_length
     completion: bool  # a completion was cut to fit max_length
+    boundary_moved: bool = False  # the prompt ends before its own last token (see the module docstring)
 
 
 def _encode(tokenizer, texts: list[str], special_tokens: bool) -> list[list[int]]:
@@ -105,6 +106,7 @@ class PairTokenizer:
             try:
                 pair, truncation = self._assemble([(chosen[:boundary], chosen[boundary:]),
                                                    (rejected[:boundary], rejected[boundary:])])
+                truncation = dataclasses.replace(truncation, boundary_moved=boundary < len(prompt_ids))
                 if texts[index][2] is None:  # SFT
                     pair = dataclasses.replace(pair, rejected=pair.chosen[:1], rejected_prompt_len=1)
                 results.append((pair, truncation))
