@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import types
 import typing
 from pathlib import Path
@@ -308,10 +309,32 @@ def check_choice(cfg: Config, key: str, allowed) -> None:
         raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value_of(cfg, key)!r}")
 
 
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """Every float setting is a number: NaN or infinity in any of them is a config error naming the key."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{prefix}{f.name}' must be a finite number, got {value}")
+
+
 def check_values(cfg: Config) -> None:
     """Types are checked as keys are set; this checks ranges, settings' choices and consistency."""
     for key, allowed in CHOICES.items():
         check_choice(cfg, key, allowed)
+    _check_finite(cfg)
+    optimizer = cfg.optimizer
+    if optimizer.learning_rate <= 0:
+        raise ConfigError(f"config key 'optimizer.learning_rate' must be > 0, got {optimizer.learning_rate}")
+    for key in ("b1", "b2"):
+        if not 0.0 <= getattr(optimizer, key) < 1.0:
+            raise ConfigError(f"config key 'optimizer.{key}' must be in [0, 1), got {getattr(optimizer, key)}")
+    if optimizer.eps <= 0:
+        raise ConfigError(f"config key 'optimizer.eps' must be > 0, got {optimizer.eps}")
+    for key in ("weight_decay", "warmup_steps", "max_grad_norm"):  # max_grad_norm 0: no clipping
+        if getattr(optimizer, key) < 0:
+            raise ConfigError(f"config key 'optimizer.{key}' must be >= 0, got {getattr(optimizer, key)}")
     if cfg.dpo.beta <= 0:
         raise ConfigError(f"config key 'dpo.beta' must be > 0, got {cfg.dpo.beta}")
     if cfg.model.logits_chunk < 0:

@@ -65,7 +65,7 @@ class Trainer:
         check_layout(cfg, self.mesh, spec)
         self.tokenizer = load_tokenizer(cfg)
         check_vocab(spec.vocab_size, self.tokenizer)
-        self.data = prepare_run_data(cfg, self.tokenizer)
+        self.data = prepare_run_data(cfg, self.tokenizer, spec.vocab_size)
         self.total_steps = self.data.total_steps(cfg.trainer.max_steps)
         self.program = build_train_program(cfg, self.mesh, self.total_steps, spec)
         log.info("model: %s, %.2fM parameters, %d layers; mesh %s; process %d of %d", spec.family,

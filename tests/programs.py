@@ -4,7 +4,7 @@ import jax
 
 from maxdpo.config import Config
 from maxdpo.data.run_data import load_tokenizer, prepare_run_data
-from maxdpo.program import build_train_program
+from maxdpo.program import architecture_from_config, build_train_program
 from maxdpo.sharding import make_mesh
 from maxdpo.trainer import evaluate
 from maxdpo.weights import initial_params, reference_params
@@ -15,9 +15,10 @@ def train_steps(cfg: Config, devices=None, evaluate_at_end: bool = False) -> tup
     program, data order and reference as `python -m maxdpo.train` with `cfg`; the reference runs live
     (`reference.precompute` runs go through the trainer)."""
     assert not cfg.reference.precompute, "train_steps runs the reference model; use the trainer for precompute"
-    data = prepare_run_data(cfg, load_tokenizer(cfg))
+    spec = architecture_from_config(cfg)
+    data = prepare_run_data(cfg, load_tokenizer(cfg), spec.vocab_size)
     total = data.total_steps(cfg.trainer.max_steps)
-    program = build_train_program(cfg, make_mesh(cfg.mesh, devices), total)
+    program = build_train_program(cfg, make_mesh(cfg.mesh, devices), total, spec)
     with program.mesh_context():
         params = initial_params(program)
         ref_params = reference_params(program, params) if program.reference_model else None

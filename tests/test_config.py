@@ -1,4 +1,6 @@
 """Config: YAML + dotted overrides, typed validation, errors that name the key and suggest the closest."""
+import re
+
 import pytest
 
 from maxdpo.config import ConfigError, parse_override, valid_keys
@@ -79,3 +81,17 @@ def test_overrides_given_with_a_model_path_are_refused(tmp_path):
     cfg = load_config(None, [f"model.path={tmp_path / 'model'}", "model.overrides.num_layers=2"])
     with pytest.raises(ConfigError, match="model.overrides applies to random init only"):
         architecture_from_config(cfg)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optimizer.learning_rate=-1", "'optimizer.learning_rate' must be > 0, got -1"),
+    ("optimizer.learning_rate=.nan", "'optimizer.learning_rate' must be a finite number, got nan"),
+    ("dpo.beta=.nan", "'dpo.beta' must be a finite number, got nan"),
+    ("dpo.label_smoothing=.inf", "'dpo.label_smoothing' must be a finite number, got inf"),
+    ("optimizer.b2=1.0", "'optimizer.b2' must be in [0, 1), got 1.0"),
+    ("optimizer.eps=0", "'optimizer.eps' must be > 0"),
+    ("optimizer.weight_decay=-0.1", "'optimizer.weight_decay' must be >= 0, got -0.1"),
+])
+def test_values_that_would_train_wrongly_are_refused_by_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])

@@ -123,3 +123,28 @@ def test_parallel_tokenisation_equals_serial(tmp_path, tokenizer):
     with pytest.raises(DataError, match="row 95: chosen and rejected are identical"):
         prepare_pairs(source, "train", _config(tmp_path, cache=False, num_proc=2), tokenizer, show_progress=False,
                       chunk_rows=30)
+
+
+@pytest.mark.parametrize("damage", ["torn", "empty", "foreign"])
+def test_an_unreadable_cache_file_is_a_miss_and_is_rebuilt(tmp_path, tokenizer, caplog, damage):
+    source = _write(tmp_path / "prefs.jsonl", [GOOD, {**GOOD, "chosen": " 5"}])
+    first = prepare_pairs(source, "train", _config(tmp_path), tokenizer, show_progress=False)
+    (cache_file,) = (tmp_path / "cache" / "tokenized").glob("*.npz")
+    content = cache_file.read_bytes()
+    cache_file.write_bytes({"torn": content[:len(content) // 2], "empty": b"",
+                            "foreign": b"PK\x03\x04 not a zip at all"}[damage])
+    with caplog.at_level(logging.WARNING, logger="maxdpo"):
+        again = prepare_pairs(source, "train", _config(tmp_path), tokenizer, show_progress=False)
+    assert f"tokenised-data cache {cache_file} is unreadable" in caplog.text
+    assert np.array_equal(again.store.tokens, first.store.tokens)
+    assert cache_file.read_bytes() == content  # rebuilt whole
+
+
+def test_a_cache_folder_that_cannot_be_written_means_no_cache(tmp_path, tokenizer, caplog):
+    source = _write(tmp_path / "prefs.jsonl", [GOOD])
+    (tmp_path / "not_a_folder").write_text("")
+    with caplog.at_level(logging.WARNING, logger="maxdpo"):
+        prepared = prepare_pairs(source, "train", _config(tmp_path, cache_dir=str(tmp_path / "not_a_folder")), tokenizer,
+                                 show_progress=False)
+    assert "cannot write the tokenised-data cache" in caplog.text and "training without it" in caplog.text
+    assert len(prepared.store) == 1

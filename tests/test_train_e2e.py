@@ -260,3 +260,20 @@ def test_other_families_train_checkpoint_and_export(tmp_path, family, overrides)
     assert np.abs(np.asarray(maxdpo.load_pretrained(run_dir / "hf")(ids)) - theirs).max() < 1e-4
     assert export.main([str(run_dir / "checkpoints" / "2"), str(tmp_path / "step2")]) == 0
     assert maxdpo.load_pretrained(tmp_path / "step2").spec == maxdpo.load_pretrained(run_dir / "hf").spec
+
+
+def test_token_ids_outside_the_models_vocabulary_stop_the_run_at_tokenisation(tmp_path, capsys):
+    """A tokenizer with no more tokens than the model's vocab_size whose ids still reach past it (a gap in its
+    ids): the row is named when the data is tokenised, not found later as a NaN loss blamed on a batch."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(maxdpo.data.sources.resolve_path("bundled:tiny/tokenizer"))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    content = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    content["model"]["vocab"]["parity"] = 90  # the model (vocab_size 64) has no row 90
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(content))
+    assert train.main([f"tokenizer.path={tmp_path / 'tok'}", "trainer.max_steps=1",
+                       f"run.output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    (error,) = [line for line in err.splitlines() if line.startswith("maxdpo: error")]
+    assert "Traceback" not in err
+    assert "train.jsonl: row" in error and "token id 90 is not below the model's vocab_size 64" in error
+    assert not (tmp_path / "run" / "checkpoints").exists()

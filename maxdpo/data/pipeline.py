@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -193,9 +194,14 @@ def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, sft: bool = F
     fingerprint = hashlib.sha256(json.dumps(key_content, sort_keys=True).encode()).hexdigest()
     cache_path = cache_directory(data_cfg) / "tokenized" / f"{fingerprint}.npz"
     if data_cfg.cache and cache_path.is_file():
-        store, report = PairStore.load(cache_path)
-        log.info(_report_line(source, report, settings, cached=True))
-        return PreparedData(store, report, fingerprint)
+        try:
+            store, report = PairStore.load(cache_path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # torn or foreign: a miss
+            log.warning("tokenised-data cache %s is unreadable (%s: %s); tokenising again", cache_path,
+                        type(err).__name__, err)
+        else:
+            log.info(_report_line(source, report, settings, cached=True))
+            return PreparedData(store, report, fingerprint)
 
     builder = PairBuilder(tokenizer, settings, row_format)
     processes = data_cfg.num_proc or (min(MAX_AUTO_PROCESSES, os.cpu_count() or 1)
@@ -229,6 +235,9 @@ def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, sft: bool = F
               "first_dropped_row": dropped[0][0] if dropped else None}
     store = PairStore.from_pairs(pairs, row_indices)
     if data_cfg.cache:
-        store.save(cache_path, report)
+        try:
+            store.save(cache_path, report)
+        except OSError as err:  # a read-only or full cache folder: train without the cache
+            log.warning("cannot write the tokenised-data cache %s (%s); training without it", cache_path, err)
     log.info(_report_line(source, report, settings, cached=False))
     return PreparedData(store, report, fingerprint)

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Optional
 
 import jax
+import numpy as np
 from transformers import AutoTokenizer
 
 from maxdpo.atomic import write_text
 from maxdpo.config import Config, ConfigError
 from maxdpo.data.loader import BatchBuilder, BatchPlan, eval_schedule, training_schedule
 from maxdpo.data.pipeline import PreparedData, prepare_pairs
-from maxdpo.data.sources import resolve_path
+from maxdpo.data.sources import DataError, resolve_path
 from maxdpo.data.templates import resolve_template
 from maxdpo.dpo.losses import LOSSES
 
@@ -61,6 +62,18 @@ def check_vocab(vocab_size: int, tokenizer) -> None:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}")
 
 
+def check_token_ids(prepared: PreparedData, source: str, vocab_size: int) -> None:
+    """Every token id indexes the model's embedding: an id at or above vocab_size (a tokenizer that does not
+    match the model) would make the loss NaN, so it stops the run naming the row."""
+    tokens = prepared.store.tokens
+    outside = np.flatnonzero(tokens >= vocab_size)
+    if len(outside):
+        sequence = np.searchsorted(prepared.store.starts.ravel(), outside[0], side="right") - 1
+        row = int(prepared.store.rows[sequence // 2])
+        raise DataError(f"{source}: row {row}: token id {int(tokens[outside[0]])} is not below the model's vocab_size "
+                        f"{vocab_size}; the tokenizer does not match the model")
+
+
 def prepare_data(source: str, split: str, cfg: Config, tokenizer) -> PreparedData:
     """Tokenised pairs of a data source (cached on disk; progress shown by the first process)."""
     return prepare_pairs(source, split, cfg.data, tokenizer, sft=LOSSES[cfg.dpo.loss].completions,
@@ -98,18 +111,20 @@ class RunData:
         return scheduled if max_steps < 0 else min(max_steps, scheduled)
 
 
-def prepare_run_data(cfg: Config, tokenizer) -> RunData:
+def prepare_run_data(cfg: Config, tokenizer, vocab_size: int) -> RunData:
     if not cfg.data.train:
         raise ConfigError("data.train is not set")
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     plan = batch_plan(cfg, tokenizer)
     train = prepare_data(cfg.data.train, cfg.data.train_split, cfg, tokenizer)
+    check_token_ids(train, cfg.data.train, vocab_size)
     builder = BatchBuilder(train.store, training_schedule(train.store, plan), plan, **process)
     fingerprints = {"train": train.fingerprint}
     eval_builder = None
     if cfg.data.eval:
         eval_plan = batch_plan(cfg, tokenizer, shuffle=False, batch_size=cfg.trainer.micro_batch)
         evaluation = prepare_data(cfg.data.eval, cfg.data.eval_split, cfg, tokenizer)
+        check_token_ids(evaluation, cfg.data.eval, vocab_size)
         eval_builder = BatchBuilder(evaluation.store, eval_schedule(evaluation.store, eval_plan), eval_plan, **process)
         fingerprints["eval"] = evaluation.fingerprint
     return RunData(builder, eval_builder, schedule_fingerprint(train, plan), fingerprints)
