@@ -14,9 +14,11 @@ from maxdpo.data.sources import DataError
 from maxdpo.checkpoint.safetensors_io import CheckpointError
 from maxdpo.distributed import maybe_initialize_distributed
 from maxdpo.stages import run_stages
-from maxdpo.trainer import NonFiniteLossError, Trainer
+from maxdpo.run_lock import RunFolderInUse
+from maxdpo.trainer import NonFiniteLossError, Preempted, run
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, RunFolderInUse, FileNotFoundError,
+               FileExistsError)
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -39,12 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, overrides)
         maybe_initialize_distributed()
         if cfg.stages:
-            summary = run_stages(cfg, lambda stage: Trainer(stage).train(), is_main=jax.process_index() == 0)
+            summary = run_stages(cfg, run, is_main=jax.process_index() == 0)
         else:
-            summary = Trainer(cfg).train()
+            summary = run(cfg)
     except USER_ERRORS as err:
         print(f"maxdpo: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        print(f"maxdpo: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     final = {k: round(v, 4) for k, v in {**summary["train"], **summary["eval"]}.items() if isinstance(v, float)}
     print(f"maxdpo: finished {summary['steps']} steps in {summary['run_dir']}: {final}")
     return 0

@@ -1,14 +1,19 @@
 """The training loop: feeds batches to the program's jitted step, logs, evaluates, checkpoints, exports."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from maxdpo.atomic import atomic_path
 from maxdpo.checkpoint.hf import save_params
@@ -22,6 +27,7 @@ from maxdpo.metrics_log import MetricsLog
 from maxdpo.model_card import write_model_card
 from maxdpo.program import TrainProgram, architecture_from_config, build_train_program, check_layout
 from maxdpo.resume import check_architecture, resume_point
+from maxdpo.run_lock import run_folder_lock
 from maxdpo.sharding import make_mesh
 from maxdpo.weights import host_params, initial_params, reference_params
 
@@ -30,6 +36,46 @@ log = logging.getLogger("maxdpo")
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient became NaN or inf; the message names the step and batch."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGINT arrived: the run saved a checkpoint at the step it had reached and stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """While the block runs, SIGTERM and SIGINT (what schedulers, preemptible VMs and Ctrl-C send) are noted in
+    the yielded list instead of ending the process; a second one of the same kind ends it as usual."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def note(signum, frame):
+        received.append(signum)
+        signal.signal(signum, previous[signum])
+
+    previous = {signum: signal.signal(signum, note) for signum in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_requested(received: list[int]) -> int | None:
+    """The signal any process of the run received (all of them stop at the same step), or None."""
+    mine = received[0] if received else 0
+    if jax.process_count() > 1:
+        mine = int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+    return mine or None
 
 
 def evaluate(program: TrainProgram, params: dict, ref_params: dict | None, batches: BatchBuilder) -> dict:
@@ -47,6 +93,12 @@ def _mean_rows(window: list[dict]) -> dict:
     row = {name: float(np.mean([m[name] for m in window])) for name in window[0]}
     row["learning_rate"] = float(window[-1]["learning_rate"])
     return row
+
+
+def run(cfg: Config) -> dict:
+    """One run under its folder's lock (`run_lock`): a second writer of the same folder is refused."""
+    with run_folder_lock(Path(cfg.run.output_dir).absolute(), take=jax.process_index() == 0):
+        return Trainer(cfg).train()
 
 
 class Trainer:
@@ -82,9 +134,13 @@ class Trainer:
             return None, attach_reference_logps(program, self.data, ref_params, self.run_dir)
         return (reference_params(program, params) if program.reference_model else None), self.data
 
-    def meta(self, iterator: BatchIterator) -> dict:
+    def meta(self, iterator: BatchIterator, window: list[dict]) -> dict:
+        """A checkpoint's metadata; `window` (the metrics of the steps since the last log) lets a resumed run log
+        the same averages as an uninterrupted one."""
         return {"model": self.program.spec.to_dict(), "config": to_dict(self.cfg), "data_iterator": iterator.state(),
-                "mesh": dict(self.mesh.shape), "data_parallel": self.program.data_parallel}
+                "mesh": dict(self.mesh.shape), "data_parallel": self.program.data_parallel,
+                "log_window": [{name: float(value) for name, value in metrics.items()}
+                               for metrics in jax.device_get(window)]}
 
     # -- loop ------------------------------------------------------------------------------------------------
     def _check_finite(self, step: int, metrics: dict) -> None:
@@ -101,8 +157,10 @@ class Trainer:
                 f"{self.run_dir / 'checkpoints'} are untouched")
 
     def train(self) -> dict:
-        """Runs (or resumes) the job; steps are traced under the mesh so the kernels shard per device."""
-        with self.program.mesh_context():
+        """Runs (or resumes) the job; steps are traced under the mesh so the kernels shard per device. On
+        SIGTERM or SIGINT it checkpoints the step it reached and raises Preempted."""
+        with self.program.mesh_context(), stop_signals() as received:
+            self._received = received
             return self._train()
 
     def _train(self) -> dict:
@@ -128,7 +186,10 @@ class Trainer:
             log.info("resuming from %s at step %d", store.directory / str(start), start)
         metrics_log = MetricsLog(self.run_dir, self.total_steps, start, enabled=self.is_main)
         try:
-            state, last_row, eval_row = self._steps(state, ref_params, data, batches, start, store, metrics_log)
+            saved_window = self.resume[1].get("log_window", []) if self.resume is not None else []
+            window = [{name: np.float32(value) for name, value in metrics.items()} for metrics in saved_window]
+            state, last_row, eval_row = self._steps(state, ref_params, data, batches, start, window, store,
+                                                    metrics_log)
         finally:
             metrics_log.close()
             store.close()
@@ -137,11 +198,12 @@ class Trainer:
         return {"train": last_row, "eval": eval_row, "steps": self.total_steps, "run_dir": str(self.run_dir)}
 
     def _steps(self, state: dict, ref_params: dict | None, data: RunData, batches: BatchIterator, start: int,
-               store: CheckpointStore, metrics_log: MetricsLog) -> tuple[dict, dict, dict]:
+               window: list[dict], store: CheckpointStore, metrics_log: MetricsLog) -> tuple[dict, dict, dict]:
         """Steps start+1 .. total_steps, then the final evaluation and checkpoint; (state, last train row, last
-        eval row)."""
+        eval row). `window`: the metrics of the steps since the last log row (a resumed run's, from its
+        checkpoint)."""
         trainer, program = self.cfg.trainer, self.program
-        window, tokens, last_row, eval_row = [], 0, {}, {}
+        tokens, last_row, eval_row = 0, {}, {}
         window_start = time.perf_counter()
         pending = None  # (step, metrics) checked one step late so the host never stalls the device
 
@@ -171,16 +233,29 @@ class Trainer:
                 eval_row = evaluate_at(step)
             if trainer.save_every and step % trainer.save_every == 0:
                 self._check_finite(*pending)
-                store.save(step, state["params"], state["opt_state"], self.meta(batches))
+                store.save(step, state["params"], state["opt_state"], self.meta(batches, window))
+            signum = stop_requested(self._received)
+            if signum is not None:
+                self._stop(signum, step, state, window, pending, store, batches)
             window_start = time.perf_counter() if not window else window_start
         if pending is not None:
             self._check_finite(*pending)
         if data.eval is not None and eval_row.get("step") != self.total_steps:
             eval_row = evaluate_at(self.total_steps)
         if store.latest_step() != self.total_steps:
-            store.save(self.total_steps, state["params"], state["opt_state"], self.meta(batches))
+            store.save(self.total_steps, state["params"], state["opt_state"], self.meta(batches, window))
         store.wait()
         return state, last_row, eval_row
+
+    def _stop(self, signum: int, step: int, state: dict, window: list[dict], pending: tuple, store: CheckpointStore,
+              batches: BatchIterator) -> None:
+        """Checkpoints step `step` (unless it is saved already) and raises Preempted."""
+        self._check_finite(*pending)
+        if store.latest_step() != step:
+            store.save(step, state["params"], state["opt_state"], self.meta(batches, window))
+        store.wait()
+        raise Preempted(f"stopped by {signal.Signals(signum).name} at step {step} of {self.total_steps}; checkpoint "
+                        f"{store.directory / str(step)} is saved; run the same command again to resume", signum)
 
     def export(self, params: dict, out_dir: Path, step: int) -> None:
         """Weights, tokenizer and model card; every process takes part in gathering, the first one writes."""
