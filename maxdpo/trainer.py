@@ -18,7 +18,8 @@ from jax.experimental import multihost_utils
 from maxdpo.atomic import atomic_path
 from maxdpo.checkpoint.hf import save_params
 from maxdpo.checkpoint.state import CheckpointStore
-from maxdpo.config import Config, save_config, to_dict
+from maxdpo.checkpoint.safetensors_io import CheckpointError
+from maxdpo.config import Config, ConfigError, save_config, to_dict
 from maxdpo.data.loader import BatchBuilder, BatchIterator, batch_iterator, batch_tokens
 from maxdpo.data.run_data import RunData, check_vocab, export_tokenizer, load_tokenizer, prepare_run_data
 from maxdpo.dpo.precompute import attach_reference_logps
@@ -26,7 +27,7 @@ from maxdpo.dpo.step import finalize_metrics
 from maxdpo.metrics_log import MetricsLog
 from maxdpo.model_card import write_model_card
 from maxdpo.program import TrainProgram, architecture_from_config, build_train_program, check_layout
-from maxdpo.resume import check_architecture, resume_point
+from maxdpo.resume import check_architecture, check_resumable, resume_point
 from maxdpo.run_lock import run_folder_lock
 from maxdpo.sharding import make_mesh
 from maxdpo.weights import host_params, initial_params, reference_params
@@ -176,17 +177,16 @@ class Trainer:
             log.info("freeze: %s", program.split.summary(params))
         state, start = program.init_state(params), 0
         batches = batch_iterator(data.train, data.schedule_fingerprint)
+        saved_window: list[dict] = []
         if self.resume is not None:
-            start, meta = self.resume
+            start, meta, restored = self._restore_intact(store)
             batches.restore(meta["data_iterator"], where=f"checkpoint {store.directory / str(start)}")
-            abstract = program.abstract_state
-            restored = store.restore(start, abstract["params"], abstract["opt_state"])
-            state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), abstract["step"].sharding),
+            state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), program.abstract_state["step"].sharding),
                      "params": restored["params"], "opt_state": restored["opt_state"]}
+            saved_window = meta.get("log_window", [])
             log.info("resuming from %s at step %d", store.directory / str(start), start)
         metrics_log = MetricsLog(self.run_dir, self.total_steps, start, enabled=self.is_main)
         try:
-            saved_window = self.resume[1].get("log_window", []) if self.resume is not None else []
             window = [{name: np.float32(value) for name, value in metrics.items()} for metrics in saved_window]
             state, last_row, eval_row = self._steps(state, ref_params, data, batches, start, window, store,
                                                     metrics_log)
@@ -196,6 +196,32 @@ class Trainer:
         if cfg.export.hf:
             self.export(state["params"], self.run_dir / "hf", self.total_steps)
         return {"train": last_row, "eval": eval_row, "steps": self.total_steps, "run_dir": str(self.run_dir)}
+
+    def _restore_intact(self, store: CheckpointStore) -> tuple[int, dict, dict]:
+        """(step, meta, restored state) of the newest checkpoint that restores. One that does not (a truncated or
+        missing array file) is moved aside to `<step>.damaged` (kept, never deleted) with a warning naming
+        it, and the one before it is tried; when none is left the run stops rather than start afresh."""
+        abstract = self.program.abstract_state
+        for step in sorted(store.manager.all_steps(), reverse=True):
+            where = store.directory / str(step)
+            try:
+                meta = store.read_meta(step)
+                check_resumable(self.cfg, meta["config"], f"checkpoint {where}")
+                restored, error = store.restore(step, abstract["params"], abstract["opt_state"]), None
+            except ConfigError:
+                raise
+            except Exception as err:  # whatever the storage layer raises for a damaged file
+                restored, error = None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            if jax.process_count() > 1:  # every process must resume from the same step
+                intact = multihost_utils.process_allgather(np.int32(error is None))
+                error = error or (None if np.all(intact) else "damaged on another process")
+            if error is None:
+                return step, meta, restored
+            store.set_aside(step, self.is_main)
+            log.warning("checkpoint %s is damaged (%s); moved to %s.damaged, trying the one before it", where,
+                        error[:300], where)
+        raise CheckpointError(f"no intact checkpoint left in {store.directory} (the damaged ones are in "
+                              "<step>.damaged folders); move them away to start the run afresh")
 
     def _steps(self, state: dict, ref_params: dict | None, data: RunData, batches: BatchIterator, start: int,
                window: list[dict], store: CheckpointStore, metrics_log: MetricsLog) -> tuple[dict, dict, dict]:

@@ -1,5 +1,6 @@
 """End to end: the CLI's default job, its run folder, checkpoints, HF export, and clear errors on bad input."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -277,3 +278,26 @@ def test_token_ids_outside_the_models_vocabulary_stop_the_run_at_tokenisation(tm
     assert "Traceback" not in err
     assert "train.jsonl: row" in error and "token id 90 is not below the model's vocab_size 64" in error
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(tmp_path, caplog):
+    """A truncated array file in the newest checkpoint: rerunning names it, keeps it as `<step>.damaged`, resumes
+    from the previous checkpoint and ends as an uninterrupted run ends (never silently from scratch)."""
+    args = ["trainer.max_steps=8", "trainer.save_every=2", "trainer.log_every=1", "data.eval=null",
+            "trainer.keep_checkpoints=5"]
+    run_dir, whole = tmp_path / "run", tmp_path / "whole"
+    assert train.main(args + [f"run.output_dir={run_dir}"]) == 0
+    arrays = [p for p in (run_dir / "checkpoints" / "8" / "params").rglob("*") if p.is_file()]
+    largest = max(arrays, key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+    with caplog.at_level(logging.INFO, logger="maxdpo"):
+        assert train.main(args + [f"run.output_dir={run_dir}"]) == 0
+    assert f"checkpoint {run_dir / 'checkpoints' / '8'} is damaged" in caplog.text
+    assert f"resuming from {run_dir / 'checkpoints' / '6'} at step 6" in caplog.text
+    assert (run_dir / "checkpoints" / "8.damaged").is_dir() and (run_dir / "checkpoints" / "8").is_dir()
+    assert train.main(args + [f"run.output_dir={whole}"]) == 0
+    assert ([{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in _rows(run_dir)]
+            == [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in _rows(whole)])
+    ours, theirs = (load_file(folder / "hf" / "model.safetensors") for folder in (run_dir, whole))
+    for name in theirs:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)

@@ -10,7 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from maxdpo.checkpoint.safetensors_io import CheckpointError
 
 
 
@@ -47,19 +51,38 @@ class CheckpointStore:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         return dict(self.manager.restore(step, args=ocp.args.Composite(**items)).items())
 
+    def set_aside(self, step: int, move: bool = True) -> None:
+        """Renames a damaged step's folder to `<step>.damaged` (`move`: this process does the renaming; all
+        processes then stop counting the step)."""
+        if move:
+            folder = self.directory / str(step)
+            folder.rename(folder.with_name(f"{step}.damaged"))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+        self.manager.reload()
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
 
 
 def latest_meta(directory: str | Path) -> Optional[tuple[int, dict]]:
-    """(step, meta) of the newest complete checkpoint under `directory`, or None; creates nothing."""
+    """(step, meta) of the newest complete checkpoint under `directory` whose meta reads, or None when there is
+    no checkpoint; creates nothing. Checkpoints that all fail to read are an error, never a fresh start."""
     if not Path(directory).is_dir():
         return None
     store = CheckpointStore(directory)
     try:
-        step = store.latest_step()
-        return None if step is None else (step, store.read_meta(step))
+        steps = sorted(store.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return step, store.read_meta(step)
+            except Exception:  # a damaged meta: the trainer sets the step aside when it restores
+                continue
+        if steps:
+            raise CheckpointError(f"none of the checkpoints in {directory} (steps {sorted(steps)}) can be read; "
+                                  "move them away to start the run afresh")
+        return None
     finally:
         store.close()
 
