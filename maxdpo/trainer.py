@@ -24,7 +24,7 @@ from maxdpo.data.loader import BatchBuilder, BatchIterator, batch_iterator, batc
 from maxdpo.data.run_data import RunData, check_vocab, export_tokenizer, load_tokenizer, prepare_run_data
 from maxdpo.dpo.precompute import attach_reference_logps
 from maxdpo.dpo.step import finalize_metrics
-from maxdpo.metrics_log import MetricsLog
+from maxdpo.metrics_log import MetricsLog, read_rows
 from maxdpo.model_card import write_model_card
 from maxdpo.program import TrainProgram, architecture_from_config, build_train_program, check_layout
 from maxdpo.resume import check_architecture, check_resumable, resume_point
@@ -266,7 +266,11 @@ class Trainer:
             window_start = time.perf_counter() if not window else window_start
         if pending is not None:
             self._check_finite(*pending)
-        if data.eval is not None and eval_row.get("step") != self.total_steps:
+        if start == self.total_steps:  # a finished run again: its final rows are logged (before its last save)
+            rows = read_rows(self.run_dir / "metrics.jsonl")
+            last_row = next((r for r in reversed(rows) if "loss" in r), {})
+            eval_row = next((r for r in reversed(rows) if any(k.startswith("eval_") for k in r)), {})
+        elif data.eval is not None and eval_row.get("step") != self.total_steps:
             eval_row = evaluate_at(self.total_steps)
         if store.latest_step() != self.total_steps:
             store.save(self.total_steps, state["params"], state["opt_state"], self.meta(batches, window))
