@@ -325,8 +325,8 @@ def check_values(cfg: Config) -> None:
         check_choice(cfg, key, allowed)
     _check_finite(cfg)
     optimizer = cfg.optimizer
-    if optimizer.learning_rate <= 0:
-        raise ConfigError(f"config key 'optimizer.learning_rate' must be > 0, got {optimizer.learning_rate}")
+    if optimizer.learning_rate < 0:  # 0 is allowed: a run that only evaluates
+        raise ConfigError(f"config key 'optimizer.learning_rate' must be >= 0, got {optimizer.learning_rate}")
     for key in ("b1", "b2"):
         if not 0.0 <= getattr(optimizer, key) < 1.0:
             raise ConfigError(f"config key 'optimizer.{key}' must be in [0, 1), got {getattr(optimizer, key)}")

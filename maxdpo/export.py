@@ -19,6 +19,7 @@ from maxdpo.checkpoint.state import CheckpointStore, find_checkpoint
 from maxdpo.config import ConfigError
 from maxdpo.configure import from_dict
 from maxdpo.data.run_data import export_tokenizer
+from maxdpo.export_folder import check_target, export_folder
 from maxdpo.model_card import write_model_card
 from maxdpo.models.spec import Architecture
 from maxdpo.models.transformer import abstract_model
@@ -28,6 +29,7 @@ log = logging.getLogger("maxdpo")
 
 
 def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
+    check_target(Path(out_dir).absolute())  # before any restoring
     directory, step = find_checkpoint(source)
     store = CheckpointStore(directory)
     try:
@@ -40,15 +42,16 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: str | None
         params = store.restore(step, target)["params"]
     finally:
         store.close()
-    out = save_params(spec, jax.tree.map(jax.device_get, params), out_dir, dtype or cfg.export.dtype)
-    try:
-        export_tokenizer(cfg, out)
-    except (ConfigError, OSError) as err:
-        log.warning("tokenizer not exported: %s", err)
-    write_model_card(out, cfg, directory.parent / "metrics.jsonl", step, meta.get("mesh", {}),
-                     meta.get("data_parallel", 1))
-    log.info("exported step %d of %s to %s", step, directory, out)
-    return out
+    with export_folder(out_dir) as staging:
+        save_params(spec, jax.tree.map(jax.device_get, params), staging, dtype or cfg.export.dtype)
+        try:
+            export_tokenizer(cfg, staging)
+        except (ConfigError, OSError) as err:
+            log.warning("tokenizer not exported: %s", err)
+        write_model_card(staging, cfg, directory.parent / "metrics.jsonl", step, meta.get("mesh", {}),
+                         meta.get("data_parallel", 1))
+    log.info("exported step %d of %s to %s", step, directory, out_dir)
+    return Path(out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         export_checkpoint(args.source, args.out, args.dtype)
-    except (FileNotFoundError, CheckpointError, ConfigError) as err:
+    except (FileNotFoundError, FileExistsError, CheckpointError, ConfigError) as err:
         print(f"maxdpo: error: {err}", file=sys.stderr)
         return 2
     return 0

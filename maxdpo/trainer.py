@@ -24,6 +24,7 @@ from maxdpo.data.loader import BatchBuilder, BatchIterator, batch_iterator, batc
 from maxdpo.data.run_data import RunData, check_vocab, export_tokenizer, load_tokenizer, prepare_run_data
 from maxdpo.dpo.precompute import attach_reference_logps
 from maxdpo.dpo.step import finalize_metrics
+from maxdpo.export_folder import check_target, export_folder
 from maxdpo.metrics_log import MetricsLog, read_rows
 from maxdpo.model_card import write_model_card
 from maxdpo.program import TrainProgram, architecture_from_config, build_train_program, check_layout
@@ -116,6 +117,8 @@ class Trainer:
         if self.resume is not None:
             check_architecture(self.resume[1], spec, f"checkpoint {self.run_dir / 'checkpoints' / str(self.resume[0])}")
         check_layout(cfg, self.mesh, spec)
+        if cfg.export.hf:
+            check_target(self.run_dir / "hf")  # the final export must have somewhere to go
         self.tokenizer = load_tokenizer(cfg)
         check_vocab(spec.vocab_size, self.tokenizer)
         self.data = prepare_run_data(cfg, self.tokenizer, spec.vocab_size)
@@ -292,8 +295,9 @@ class Trainer:
         host = host_params(params)
         if not self.is_main:
             return
-        save_params(self.program.spec, host, out_dir, self.cfg.export.dtype)
-        export_tokenizer(self.cfg, out_dir)
-        write_model_card(out_dir, self.cfg, self.run_dir / "metrics.jsonl", step, dict(self.mesh.shape),
-                         self.program.data_parallel)
+        with export_folder(out_dir) as staging:
+            save_params(self.program.spec, host, staging, self.cfg.export.dtype)
+            export_tokenizer(self.cfg, staging)
+            write_model_card(staging, self.cfg, self.run_dir / "metrics.jsonl", step, dict(self.mesh.shape),
+                             self.program.data_parallel)
         log.info("exported Hugging Face model to %s", out_dir)

@@ -84,7 +84,7 @@ def test_overrides_given_with_a_model_path_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("optimizer.learning_rate=-1", "'optimizer.learning_rate' must be > 0, got -1"),
+    ("optimizer.learning_rate=-1", "'optimizer.learning_rate' must be >= 0, got -1"),
     ("optimizer.learning_rate=.nan", "'optimizer.learning_rate' must be a finite number, got nan"),
     ("dpo.beta=.nan", "'dpo.beta' must be a finite number, got nan"),
     ("dpo.label_smoothing=.inf", "'dpo.label_smoothing' must be a finite number, got inf"),

@@ -18,6 +18,7 @@ from flax import nnx
 
 from maxdpo.atomic import write_text
 from maxdpo.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from maxdpo.export_folder import export_folder
 from maxdpo.models.family import Family, ParamEntry
 from maxdpo.models.registry import family_for_model_type, get_family
 from maxdpo.models.spec import Architecture, Execution
@@ -264,6 +265,9 @@ def save_params(spec: Architecture, params: dict, out_dir: str | os.PathLike, dt
 
 def save_pretrained(model: Transformer, out_dir: str | os.PathLike, dtype: Optional[str] = None,
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """HF folder (config.json + safetensors) that `transformers.AutoModelForCausalLM` loads."""
+    """HF folder (config.json + safetensors) that `transformers.AutoModelForCausalLM` loads; it replaces a
+    previous export in `out_dir` whole (`export_folder`)."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return save_params(model.spec, params, out_dir, dtype, max_shard_bytes)
+    with export_folder(out_dir) as staging:
+        save_params(model.spec, params, staging, dtype, max_shard_bytes)
+    return Path(out_dir)

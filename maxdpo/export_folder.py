@@ -1,0 +1,62 @@
+"""An export's folder holds exactly the exported model: written aside, then put in place whole.
+
+The model, tokenizer and card are written into a hidden staging folder next to the target; once complete it
+takes the target's place (a previous export there is replaced whole, so no shard or index of an older
+export survives beside the new weights). A target that holds anything else is refused, and a failed export
+leaves the target as it was and no staging files behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+# What an export writes: weights (one file or shards + index), config, card, tokenizer files, chat template.
+EXPORT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                   "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def is_export(folder: Path) -> bool:
+    """A previous export: a config.json, weights, and no file an export does not write."""
+    names = [p.name for p in folder.iterdir()]
+    return ("config.json" in names and any(name.endswith(".safetensors") for name in names)
+            and all((folder / name).is_file() and any(fnmatch.fnmatch(name, p) for p in EXPORT_PATTERNS)
+                    for name in names))
+
+
+def check_target(out: Path) -> None:
+    """Raises FileExistsError unless `out` is missing, an empty folder or a previous export."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"export target {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        found = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise FileExistsError(f"export target {out} is not empty and holds no previous export ({found}); give an "
+                              "empty or new folder")
+
+
+@contextlib.contextmanager
+def export_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Yields a staging folder to write the export into; when the block ends it replaces `out` whole."""
+    out = Path(out).absolute()
+    check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}.{secrets.token_hex(4)}"
+    staging = out.with_name(f".{out.name}.{tag}.partial")
+    staging.mkdir()
+    try:
+        yield staging
+        if out.exists():
+            old = out.with_name(f".{out.name}.{tag}.old")
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
