@@ -259,12 +259,22 @@ def _all_keys(obj: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """`<problem> at line L, column C` from a YAML error (1-based, as editors count)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 def parse_override(text: str) -> dict:
     """`a.b.c=value` -> {'a': {'b': {'c': value}}}, the value parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({_yaml_problem(err)})") from err
     nested: dict = {}
     node = nested
     parts = key.strip().split(".")
@@ -277,8 +287,13 @@ def parse_override(text: str) -> dict:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        content = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            content = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({err})") from err
     if not isinstance(content, dict):
         raise ConfigError(f"config file {path} must hold a mapping at top level")
     return content

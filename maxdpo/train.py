@@ -17,8 +17,8 @@ from maxdpo.stages import run_stages
 from maxdpo.run_lock import RunFolderInUse
 from maxdpo.trainer import NonFiniteLossError, Preempted, run
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, RunFolderInUse, FileNotFoundError,
-               FileExistsError)
+# Errors of the input or the machine (a missing or unwritable path, a full disk): one line and exit status 2.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, RunFolderInUse, OSError)
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -37,8 +37,11 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"model folder {path} has no config.json")
-    with open(config_file) as f:
-        return json.load(f)
+    try:
+        with open(config_file) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:  # truncated or not JSON
+        raise CheckpointError(f"{config_file} is not valid JSON ({err})") from err
 
 
 def spec_from_pretrained(path: str | os.PathLike) -> tuple[Family, Architecture]:

@@ -9,16 +9,20 @@ A source is one of
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
+import json
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:  # imported where rows are loaded: `datasets` takes most of a second to import
     import datasets
 
 BUNDLED_PREFIX = "bundled:"
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+TEXT_BUILDERS = ("json", "csv")
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 
 
@@ -67,16 +71,59 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
     if builder is not None:
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
+        if path.stat().st_size == 0:
+            raise DataError(f"data file {path} is empty")
+        if builder in TEXT_BUILDERS:
+            _check_utf8(path)
         try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as err:  # a malformed file: name it
-            raise DataError(f"could not read {path} as {builder}: {err}") from err
+            with _datasets_quiet():  # its own traceback of a malformed file would bury the one line below
+                return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as err:  # a malformed file: name it, and the line where the JSON breaks
+            where = _first_bad_json_line(path) if path.suffix == ".jsonl" else None
+            raise DataError(f"could not read {path} as {builder}: {where or err}") from err
     if path.exists() or path_text.startswith((".", "/")):
         raise DataError(f"data source {path} is neither a folder nor a file of type {sorted(LOCAL_BUILDERS)}")
     try:
         return datasets.load_dataset(path_text, split=split)
     except Exception as err:  # the hub or its cache: say which name failed and why
         raise DataError(f"could not load dataset '{path_text}' (split '{split}'): {err}") from err
+
+
+@contextlib.contextmanager
+def _datasets_quiet() -> Iterator[None]:
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_utf8(path: Path) -> None:
+    """Text files must be UTF-8: `datasets` would read other bytes as replacement characters, silently."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: line {number} is not UTF-8 text (byte {line[err.start:err.start + 1]!r} at "
+                                f"column {err.start + 1})") from err
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """`line N: <reason>` for the first line of a JSON-lines file that is not a JSON object, or None."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number}: {err.msg} at column {err.colno}"
+            if not isinstance(row, dict):
+                return f"line {number}: a JSON {type(row).__name__}, not an object"
+    return None
 
 
 def _hash_files(paths: list[Path], root: Path) -> str:
