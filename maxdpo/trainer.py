@@ -205,7 +205,7 @@ class Trainer:
         missing array file) is moved aside to `<step>.damaged` (kept, never deleted) with a warning naming
         it, and the one before it is tried; when none is left the run stops rather than start afresh."""
         abstract = self.program.abstract_state
-        for step in sorted(store.manager.all_steps(), reverse=True):
+        for step in store.steps():
             where = store.directory / str(step)
             try:
                 meta = store.read_meta(step)

@@ -31,6 +31,10 @@ class CheckpointStore:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        """The complete checkpoints' steps, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
     def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
         if step in self.manager.all_steps():
             raise FileExistsError(f"checkpoint for step {step} already exists in {self.directory}; not overwriting")
@@ -73,7 +77,7 @@ def latest_meta(directory: str | Path) -> Optional[tuple[int, dict]]:
         return None
     store = CheckpointStore(directory)
     try:
-        steps = sorted(store.manager.all_steps(), reverse=True)
+        steps = store.steps()
         for step in steps:
             try:
                 return step, store.read_meta(step)
