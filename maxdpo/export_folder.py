@@ -40,12 +40,31 @@ def check_target(out: Path) -> None:
                               "empty or new folder")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Removes the staging folders an export killed midway left next to `out` (their process has ended)."""
+    for folder in out.parent.glob(f".{out.name}.*.*.partial") if out.parent.is_dir() else ():
+        pid = folder.name[len(out.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def export_folder(out: str | os.PathLike) -> Iterator[Path]:
     """Yields a staging folder to write the export into; when the block ends it replaces `out` whole."""
     out = Path(out).absolute()
     check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
     tag = f"{os.getpid()}.{secrets.token_hex(4)}"
     staging = out.with_name(f".{out.name}.{tag}.partial")
     staging.mkdir()

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -304,16 +305,19 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
 
 
 def test_rerunning_a_finished_run_logs_nothing_twice_and_redoes_a_lost_export(tmp_path):
-    """A finished run run again (or one killed during its final export, here: the export deleted) exports again
-    and leaves metrics.jsonl and the model card as they were: one final eval row."""
+    """A finished run run again, or one killed during its final export (here: no hf/ yet, and the staging folder
+    of a process that has ended), exports again and leaves metrics.jsonl and the model card as they were: one
+    final eval row, no staging folder left."""
     args = ["trainer.max_steps=4", "trainer.log_every=2", f"run.output_dir={tmp_path / 'run'}"]
     assert train.main(args) == 0
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     card = (tmp_path / "run" / "hf" / "README.md").read_text()
     weights = (tmp_path / "run" / "hf" / "model.safetensors").read_bytes()
     assert sum("eval_loss" in json.loads(line) for line in metrics.splitlines()) == 1
-    (tmp_path / "run" / "hf" / "model.safetensors").unlink()
+    shutil.move(tmp_path / "run" / "hf", tmp_path / "run" / ".hf.999999999.0badc0de.partial")
+    (tmp_path / "run" / ".hf.999999999.0badc0de.partial" / "model.safetensors").write_bytes(b"cut short")
     assert train.main(args) == 0
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".hf")) == []
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
     assert (tmp_path / "run" / "hf" / "README.md").read_text() == card
     assert (tmp_path / "run" / "hf" / "model.safetensors").read_bytes() == weights
