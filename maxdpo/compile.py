@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from maxdpo.config import Config, ConfigError
+from maxdpo.config import Config, ConfigError, overrides_set
 from maxdpo.configure import load_config
 from maxdpo.data.sources import resolve_path
 from maxdpo.flops import dpo_step_flops
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             stage, model=dataclasses.replace(stage.model, path=first.path, overrides=first.overrides)))
             for stage in configs]
         devices = compile_devices(topology)
-        if not any(text.startswith("trainer.micro_batch_size=") for text in args.overrides):
+        if not overrides_set(args.overrides, "trainer.micro_batch_size"):
             configs = [fit_micro_batch(stage, devices) for stage in configs]
         results = [report(stage, topology, devices) for stage in configs]
     except (ConfigError, TopologyError) as err:

@@ -284,6 +284,19 @@ def parse_override(text: str) -> dict:
     return nested
 
 
+def overrides_set(overrides: tuple[str, ...] | list[str], key: str) -> bool:
+    """Whether any `key=value` override sets dotted `key` or a part of it."""
+    for text in overrides:
+        node = parse_override(text)
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return True
+    return False
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -392,14 +405,12 @@ def read_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     apply_mapping(cfg, _read_yaml(bundled_config_path("base.yaml")))
     apply_mapping(cfg, _read_yaml(resolve_config_path(path or DEFAULT_CONFIG)))
     random_init = cfg.model.path is None
-    mappings = [parse_override(text) for text in overrides]
-    for mapping in mappings:
-        apply_mapping(cfg, mapping)
+    for text in overrides:
+        apply_mapping(cfg, parse_override(text))
     if random_init and cfg.model.path is not None:
-        given = [(m.get("model") or {}, m.get("tokenizer") or {}) for m in mappings]
-        if not any("overrides" in model for model, _ in given):
+        if not overrides_set(overrides, "model.overrides"):
             cfg.model.overrides = {}
-        if not any("path" in tokenizer for _, tokenizer in given):
+        if not overrides_set(overrides, "tokenizer.path"):
             cfg.tokenizer.path = None
     check_values(cfg)
     return cfg

@@ -15,11 +15,15 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-# What an export writes: weights (one file or shards + index), config, card, tokenizer files, chat template.
+# What a Hugging Face tokenizer folder may hold. An export copies those present byte for byte, so the exported
+# tokenizer is the one training used: saving it again through transformers can change it (5.x drops a
+# SentencePiece tokenizer's `legacy` flag, and Mixtral's then splits `[INST]` after `</s>` differently).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+# What an export writes: weights (one file or shards + index), config, card, tokenizer files.
 EXPORT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-                   "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
-                   "chat_template.jinja", "chat_template.json")
+                   "README.md", *TOKENIZER_FILES)
 
 
 def is_export(folder: Path) -> bool:

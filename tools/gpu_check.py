@@ -33,7 +33,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -198,8 +197,8 @@ def kernel_timings(smoke: bool) -> dict:
                 + bench_kernels.bench_experts(experts))
 
 
-def dpo_step(smoke: bool, peak_tflops) -> dict:
-    report = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "step.json"
+def dpo_step(out: Path, smoke: bool, peak_tflops) -> dict:
+    report = out / "dpo_step.json"
     config = SMOKE_STEP_CONFIG if smoke else STEP_CONFIG
     argv = [config, "--steps", "1" if smoke else "10", "--warmup", "1" if smoke else "2", "--json", str(report)]
     if peak_tflops:
@@ -208,11 +207,11 @@ def dpo_step(smoke: bool, peak_tflops) -> dict:
     return dict(config=config, **json.loads(report.read_text()))
 
 
-def deviceless(smoke: bool, step: dict) -> dict:
+def deviceless(out: Path, smoke: bool, step: dict) -> dict:
     """The same step compiled for h200:1 by `python -m maxdpo.compile` in its own process (it selects the CPU
     platform before jax starts), next to what the GPU's compile and allocator said."""
     config = SMOKE_STEP_CONFIG if smoke else STEP_CONFIG
-    report = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "compile.json"
+    report = out / "deviceless_compile.json"
     done = subprocess.run([sys.executable, "-m", "maxdpo.compile", config, "--topology", "h200:1", "--json",
                            str(report)], capture_output=True, text=True, timeout=900)
     if not report.is_file():
@@ -231,13 +230,16 @@ def summary(report: dict) -> list[str]:
     lines = [f"device {report['sections'].get('environment', {}).get('device_kind')}, jax {jax.__version__}"
              f"{', SMOKE (numbers mean nothing)' if report['smoke'] else ''}"]
     for name, section in report["sections"].items():
-        lines.append(f"{name:12s} {section['seconds']:6.1f} s  {'ERROR ' + section['error'] if 'error' in section else 'ok'}")
+        outcome = "ERROR " + section["error"] if "error" in section else "ok"
+        lines.append(f"{name:12s} {section['seconds']:6.1f} s  {outcome}")
     ceiling = report["sections"].get("ceilings", {})
     if "matmul_bf16_tflops" in ceiling:
-        lines.append(f"bf16 matmul {ceiling['matmul_bf16_tflops']:.0f} TFLOP/s, copy {ceiling['copy_bytes_per_s'] / 1e12:.2f} TB/s")
+        lines.append(f"bf16 matmul {ceiling['matmul_bf16_tflops']:.0f} TFLOP/s, "
+                     f"copy {ceiling['copy_bytes_per_s'] / 1e12:.2f} TB/s")
     for check in report["sections"].get("accuracy", {}).get("checks", []):
         worst = max(check["errors"].values())
-        lines.append(f"{'PASS' if check['passed'] else 'FAIL'} {check['check']:32s} {check['dtype']:9s} worst rel err {worst:.1e}")
+        lines.append(f"{'PASS' if check['passed'] else 'FAIL'} {check['check']:32s} {check['dtype']:9s} "
+                     f"worst rel err {worst:.1e}")
     for row in report["sections"].get("kernels", {}).get("rows", []):
         size = row.get("seq", row.get("tokens"))
         timing = (f"fwd {row['forward_ms']:8.3f} ms ({row['forward_tflops']:6.1f} TFLOP/s)  fwd+bwd "
@@ -257,7 +259,7 @@ def summary(report: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir", help="folder for gpu_check.json")
+    parser.add_argument("out_dir", help="folder for gpu_check.json, dpo_step.json and deviceless_compile.json")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, measures nothing")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out")
     args = parser.parse_args(argv)
@@ -269,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         "ceilings": lambda: ceilings(args.smoke),
         "accuracy": lambda: accuracy(args.smoke),
         "kernels": lambda: kernel_timings(args.smoke),
-        "dpo_step": lambda: dpo_step(args.smoke, report["sections"].get("ceilings", {}).get("matmul_bf16_tflops")),
-        "deviceless": lambda: deviceless(args.smoke, report["sections"].get("dpo_step")),
+        "dpo_step": lambda: dpo_step(out, args.smoke,
+                                     report["sections"].get("ceilings", {}).get("matmul_bf16_tflops")),
+        "deviceless": lambda: deviceless(out, args.smoke, report["sections"].get("dpo_step")),
     }
     failed = False
     for name, run in sections.items():

@@ -19,14 +19,7 @@ from maxdpo.data.pipeline import PreparedData, prepare_pairs
 from maxdpo.data.sources import DataError, resolve_path
 from maxdpo.data.templates import resolve_template
 from maxdpo.dpo.losses import LOSSES
-
-
-# What a Hugging Face tokenizer folder may hold. An export copies those present byte for byte, so the exported
-# tokenizer is the one training used: saving it again through transformers can change it (5.x drops a
-# SentencePiece tokenizer's `legacy` flag, and Mixtral's then splits `[INST]` after `</s>` differently).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-                   "chat_template.json")
+from maxdpo.export_folder import TOKENIZER_FILES
 
 
 def tokenizer_folder(cfg: Config) -> Path:
@@ -47,8 +40,9 @@ def load_tokenizer(cfg: Config):
 
 
 def export_tokenizer(cfg: Config, out: Path) -> None:
-    """The run's tokenizer files, copied into `out`; with a chat template other than the tokenizer's own, the
-    one training rendered with as chat_template.jinja (which transformers loads in place of the config's)."""
+    """The run's tokenizer files (`TOKENIZER_FILES`), copied into `out`; with a chat template other than the
+    tokenizer's own, the one training rendered with as chat_template.jinja (which transformers loads in place
+    of the config's)."""
     folder = tokenizer_folder(cfg)
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
