@@ -54,21 +54,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(out: Path) -> None:
-    """Removes the staging folders an export killed midway left next to `out` (their process has ended)."""
-    for folder in out.parent.glob(f".{out.name}.*.*.partial") if out.parent.is_dir() else ():
-        pid = folder.name[len(out.name) + 2:].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+def _left_by_ended_process(out: Path, suffix: str) -> list[Path]:
+    """The hidden `.<name>.<pid>.<tag><suffix>` folders next to `out` whose process has ended."""
+    found = list(out.parent.glob(f".{out.name}.*.*{suffix}")) if out.parent.is_dir() else []
+    pids = [folder.name[len(out.name) + 2:].split(".")[0] for folder in found]
+    return [folder for folder, pid in zip(found, pids) if pid.isdigit() and not _alive(int(pid))]
+
+
+def recover_interrupted(out: Path) -> None:
+    """Undoes what an export killed midway left next to `out` (its process has ended): its staging folder is
+    removed, and a previous export it had moved aside (killed between the two renames) goes back in place."""
+    for folder in _left_by_ended_process(out, ".partial"):
+        shutil.rmtree(folder, ignore_errors=True)
+    for folder in _left_by_ended_process(out, ".old"):
+        if out.exists():
             shutil.rmtree(folder, ignore_errors=True)
+        else:
+            folder.rename(out)
 
 
 @contextlib.contextmanager
 def export_folder(out: str | os.PathLike) -> Iterator[Path]:
     """Yields a staging folder to write the export into; when the block ends it replaces `out` whole."""
     out = Path(out).absolute()
+    recover_interrupted(out)
     check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
     tag = f"{os.getpid()}.{secrets.token_hex(4)}"
     staging = out.with_name(f".{out.name}.{tag}.partial")
     staging.mkdir()

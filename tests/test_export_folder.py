@@ -9,7 +9,7 @@ from flax import nnx
 
 import maxdpo
 from hf_models import tiny_llama
-from maxdpo import export
+from maxdpo import export, export_folder
 from maxdpo.checkpoint import hf
 
 
@@ -69,4 +69,21 @@ def test_a_failed_export_leaves_the_previous_one_and_no_staging_files(tmp_path, 
     with pytest.raises(OSError, match="No space left"):
         maxdpo.save_pretrained(models[1], out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_export_killed_between_its_renames_puts_the_previous_one_back(tmp_path, models):
+    """Killed after moving the previous export aside and before putting the new one in place: the next export
+    restores the previous one first, so a failing export then still leaves it as it was."""
+    out = tmp_path / "out"
+    maxdpo.save_pretrained(models[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    out.rename(tmp_path / ".out.999999999.0badc0de.old")
+    (tmp_path / ".out.999999999.0badc0de.partial").mkdir()
+    export_folder.recover_interrupted(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    maxdpo.save_pretrained(models[1], out)
+    (tmp_path / ".out.999999999.0badc0de.old").mkdir()  # beside a complete export: removed
+    export_folder.recover_interrupted(out)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

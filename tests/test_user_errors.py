@@ -1,10 +1,12 @@
 """Bad input or an unusable machine gives one line naming the file, line, key or folder, exit status 2, and
 nothing written over a good run folder."""
 import json
+import subprocess
 
 import pytest
 
 from maxdpo import train
+from maxdpo.checkpoint.state import CheckpointStore
 
 GOOD = {"prompt": "add 1 + 2 =", "chosen": " 3", "rejected": " 4"}
 
@@ -58,3 +60,26 @@ def test_an_output_folder_that_cannot_be_written_stops_before_the_data_is_read(t
     missing_data = tmp_path / "never_read.jsonl"  # the folder is checked first: this is never opened
     assert train.main([f"run.output_dir={tmp_path / 'file' / 'run'}", f"data.train={missing_data}"]) == 2
     assert str(tmp_path / "file") in _one_error_line(capsys)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB file system: room for one checkpoint of the default job (4.3 MB), not two."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs is not permitted here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_checkpoint_before_it(small_disk, capsys):
+    run_dir = small_disk / "run"
+    assert train.main(["trainer.max_steps=4", "trainer.save_every=2", "data.eval=null",
+                       f"run.output_dir={run_dir}"]) == 2
+    assert _one_error_line(capsys) == (
+        f"maxdpo: error: could not write a checkpoint in {run_dir / 'checkpoints'}: No space left on device "
+        "[os_error_code='28']; the complete checkpoints there (steps [2]) are intact")
+    store = CheckpointStore(run_dir / "checkpoints")
+    assert store.steps() == [2] and store.read_meta(2)["step"] == 2
+    store.close()

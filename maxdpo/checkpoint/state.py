@@ -7,6 +7,10 @@ enough to export it.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,11 +21,48 @@ from jax.experimental import multihost_utils
 from maxdpo.checkpoint.safetensors_io import CheckpointError
 
 
+class _BackgroundSaveErrors(logging.Filter):
+    """Drops the tracebacks of a failed background write that Orbax (logger absl) and its abandoned write tasks
+    (logger asyncio) log: the store raises that error itself, as one CheckpointError, at the next save or
+    wait."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_orbax = "orbax" in record.pathname or "orbax" in record.getMessage()
+        return not (record.levelno >= logging.ERROR and record.exc_info and from_orbax)
+
+
+def _late_callback(unraisable) -> bool:
+    """After a background write fails, Orbax closes its event loop while TensorStore still completes the other
+    writes of that save; each completion's callback into the closed loop is reported as unraisable."""
+    return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+
+
+def _install_filters() -> None:
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    if any(isinstance(f, _BackgroundSaveErrors) for f in loggers[0].filters):
+        return
+    for logger in loggers:
+        logger.addFilter(_BackgroundSaveErrors())
+    report = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None if _late_callback(unraisable) else report(unraisable)
+
+
+def _reason(err: Exception) -> str:
+    """The cause of a storage error in a few words: the OS's reason where the message carries one."""
+    first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+    os_reason = re.search(r": ([^:]*\[os_error_code='\d+'\])", first_line)
+    return os_reason.group(1) if os_reason else first_line[:300]
+
 
 class CheckpointStore:
-    """Saves and restores training state under `<run>/checkpoints`."""
+    """Saves and restores training state under `<run>/checkpoints`. A save that fails (a full disk, a folder
+    that became unwritable), in the foreground or in Orbax's background writer, raises one CheckpointError at
+    that save or the next save/wait; the partial step stays an `<step>.orbax-checkpoint-tmp` folder that
+    resume ignores."""
 
     def __init__(self, directory: str | Path, keep: int = 3):
+        _install_filters()
+        self.closed = False
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=True,
                                                enable_async_checkpointing=True)
@@ -38,12 +79,24 @@ class CheckpointStore:
     def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
         if step in self.manager.all_steps():
             raise FileExistsError(f"checkpoint for step {step} already exists in {self.directory}; not overwriting")
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave({**meta, "step": step})))
+        with self._storage_errors():
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave({**meta, "step": step})))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._storage_errors():
+            self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _storage_errors(self):
+        try:
+            yield
+        except (OSError, ValueError, RuntimeError) as err:
+            self._shut_down()  # stop the background writers before the error is reported
+            intact = sorted(int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit())
+            kept = f"the complete checkpoints there (steps {intact}) are intact" if intact else "none was complete"
+            raise CheckpointError(f"could not write a checkpoint in {self.directory}: {_reason(err)}; {kept}") from err
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -66,8 +119,18 @@ class CheckpointStore:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the save in flight and stops the background writers."""
+        if self.closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self.manager.close()
 
 
 def latest_meta(directory: str | Path) -> Optional[tuple[int, dict]]:
