@@ -114,6 +114,7 @@ class OptimizerConfig:
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    moment_dtype: str = "float32"  # Adam's moments; bfloat16 halves their memory (stochastically rounded)
 
 
 @dataclasses.dataclass
@@ -183,6 +184,7 @@ CHOICES = {
     "data.format": ("auto", "plain", "conversational"),
     "data.truncation": ("keep_start", "keep_end"),
     "optimizer.name": ("adamw",),
+    "optimizer.moment_dtype": ("float32", "bfloat16"),
     "trainer.resume": ("auto", "never"),
     "export.dtype": (None, "float32", "bfloat16", "float16"),
 }

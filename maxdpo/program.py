@@ -24,6 +24,7 @@ from maxdpo.dpo.freeze import TrainableSplit, trainable_split
 from maxdpo.dpo.losses import LossHyper
 from maxdpo.dpo.optim import make_optimizer, optimizer_state_shardings
 from maxdpo.dpo.step import LossSettings, make_eval_step, make_reference_logps, make_train_step
+from maxdpo.models.layers import is_norm_scale
 from maxdpo.models.registry import get_family
 from maxdpo.models.spec import Architecture, Execution
 from maxdpo.models.transformer import abstract_model
@@ -69,6 +70,19 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
+def reference_dtypes(params, compute_dtype):
+    """The dtype each reference weight is kept in: matrices in the compute dtype when it is narrower than the
+    parameters' (the forward casts them to it before every use, so the reference's logps are unchanged and
+    its memory halves under bf16 compute); norm scales as stored (Gemma adds 1 to them in fp32)."""
+    compute_dtype = jnp.dtype(compute_dtype)
+
+    def dtype(path, leaf):
+        narrower = compute_dtype.itemsize < jnp.dtype(leaf.dtype).itemsize
+        return compute_dtype if narrower and not is_norm_scale(path) else jnp.dtype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(dtype, params)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainProgram:
     """Everything a run compiles, for one config on one mesh. State = {step, params, opt_state}; the steps take
@@ -86,6 +100,7 @@ class TrainProgram:
     reference_model: bool  # the steps run a reference model (the loss needs one and it is not precomputed)
     data_parallel: int  # devices a micro batch's rows are split over
     abstract_state: dict  # ShapeDtypeStructs with their shardings
+    abstract_reference: Optional[dict]  # the reference weights' ShapeDtypeStructs (`reference_dtypes`), or None
     batch_sharding: NamedSharding  # every batch field: rows split over the `batch` rule
     train_step: Callable  # (state, ref_params, batch) -> (state, metrics)
     eval_step: Callable  # (params, ref_params, batch) -> metric sums
@@ -107,6 +122,13 @@ class TrainProgram:
         """The mesh and logical rules the steps are traced under (the kernels shard per device from them)."""
         return mesh_context(self.mesh, self.rules)
 
+    def reference_weights(self, params: dict) -> dict:
+        """`params` (placed like the policy) cast to the reference model's dtypes (`reference_dtypes`)."""
+        dtypes = reference_dtypes(params, self.execution.dtype)
+        cast = jax.jit(lambda tree: jax.tree.map(lambda x, dtype: x.astype(dtype), tree, dtypes),
+                       out_shardings=self.param_shardings)
+        return cast(params)
+
     def init_state(self, params: dict) -> dict:
         """The state at step 0: `params` (already placed by `param_shardings`) and fresh optimizer moments."""
         opt_shardings = self.state_shardings["opt_state"]
@@ -122,7 +144,7 @@ class TrainProgram:
     def abstract_args(self, rows: int, length: Optional[int] = None) -> tuple:
         """(state, reference params, batch) as ShapeDtypeStructs, for `train_step.lower(*args)`; the batch's
         rows are padded to `length` tokens (default: the longest row `data.max_length` allows)."""
-        ref = self.abstract_state["params"] if self.reference_model else None
+        ref = self.abstract_reference if self.reference_model else None
         length = length or longest_row(self.layout, self.cfg.data.max_length)
         return self.abstract_state, ref, self.abstract_batch(rows, length)
 
@@ -149,7 +171,7 @@ def build_train_program(cfg: Config, mesh: Mesh, total_steps: int,
     param_shardings = tree_shardings(abstract_params, axes, rules, mesh)
     params = _abstract(abstract_params, param_shardings)
     split = trainable_split(spec, get_family(spec.family), cfg.freeze)
-    optimizer, schedule = make_optimizer(cfg.optimizer, total_steps)
+    optimizer, schedule = make_optimizer(cfg.optimizer, total_steps, execution.param_dtype)
     trainable = split.trainable(params)
     scalar = replicated(mesh)
     opt_shardings = optimizer_state_shardings(optimizer, trainable, split.trainable(param_shardings), scalar)
@@ -159,6 +181,9 @@ def build_train_program(cfg: Config, mesh: Mesh, total_steps: int,
     settings = loss_settings(cfg)
     rows = batch_sharding(mesh, rules)
     reference_model = settings.uses_reference and not cfg.reference.precompute
+    abstract_reference = (jax.tree.map(lambda a, dtype: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding),
+                                       params, reference_dtypes(params, execution.dtype))
+                          if reference_model else None)
     ref_shardings: Optional[Any] = param_shardings if reference_model else None
     train_step = jax.jit(make_train_step(graphdef, settings, optimizer, schedule, cfg.trainer.accumulation_steps,
                                          split),
@@ -168,5 +193,5 @@ def build_train_program(cfg: Config, mesh: Mesh, total_steps: int,
     reference_logps = jax.jit(make_reference_logps(graphdef), in_shardings=(param_shardings, rows),
                               out_shardings=scalar)
     return TrainProgram(cfg, mesh, spec, execution, graphdef, split, settings, optimizer, schedule,
-                        layout_of(cfg.data.prefix_sharing), reference_model, data_parallel, abstract_state, rows,
-                        train_step, eval_step, reference_logps)
+                        layout_of(cfg.data.prefix_sharing), reference_model, data_parallel, abstract_state,
+                        abstract_reference, rows, train_step, eval_step, reference_logps)

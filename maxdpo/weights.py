@@ -35,12 +35,16 @@ def initial_params(program: TrainProgram) -> dict:
 
 
 def reference_params(program: TrainProgram, initial: dict, copy: bool = True) -> dict:
-    """`reference.path`'s weights, or the initial policy (copied when training will update `initial`)."""
+    """`reference.path`'s weights, or the initial policy (copied unless `copy` is false). The steps' reference
+    model keeps them in its dtypes (`program.reference_weights`); the precompute pass reads them as they are."""
     path = program.cfg.reference.path
     if path:
         if spec_from_pretrained(resolve_path(path))[1] != program.spec:
             raise ConfigError(f"reference.path {path} has a different architecture than the policy")
-        return load_sharded(program, path)
+        initial, copy = load_sharded(program, path), False
+    dtypes = lambda tree: [leaf.dtype for leaf in jax.tree.leaves(tree)]  # noqa: E731
+    if program.reference_model and dtypes(program.abstract_reference) != dtypes(initial):
+        return program.reference_weights(initial)
     return jax.tree.map(jnp.copy, initial) if copy else initial
 
 

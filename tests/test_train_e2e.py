@@ -175,10 +175,12 @@ def test_default_job_learns_held_out_preferences(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    """Losing everything after the step-3 checkpoint and rerunning gives the uninterrupted run's results."""
+    """Losing everything after the step-3 checkpoint and rerunning gives the uninterrupted run's results, with
+    bf16 weights and moments too (their stochastic rounding draws its bits from the step; fp32 runs resume
+    bitwise in test_kill_resume)."""
     import shutil
     args = ["trainer.max_steps=6", "trainer.batch_size=8", "trainer.log_every=1", "trainer.save_every=3",
-            "data.eval=null"]
+            "data.eval=null", "model.param_dtype=bfloat16", "optimizer.moment_dtype=bfloat16"]
     assert train.main(args + [f"run.output_dir={tmp_path / 'whole'}"]) == 0
     resumed = tmp_path / "resumed"
     assert train.main(args + [f"run.output_dir={resumed}"]) == 0

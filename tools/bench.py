@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
     with program.mesh_context():
         params = init_params(program, cfg.run.seed)
-        ref_params = jax.tree.map(jnp.copy, params) if program.reference_model else None
+        ref_params = program.reference_weights(params) if program.reference_model else None
         state = program.init_state(params)
         host_batch = synthetic_batch(rows, seq, prompt, spec.vocab_size, cfg.data.prefix_sharing, precompute)
         batch = jax.device_put(host_batch, program.batch_sharding)

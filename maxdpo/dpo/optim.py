@@ -4,9 +4,12 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from maxdpo.config import OptimizerConfig
+from maxdpo.dpo import low_precision
+from maxdpo.models.layers import is_norm_scale
 
 
 def warmup_steps(cfg: OptimizerConfig, total_steps: int) -> int:
@@ -33,17 +36,23 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 def decay_mask(params) -> dict:
     """Weight decay on matrices only: norm scales are excluded, as transformers' Trainer does."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any("norm" in str(getattr(k, "key", "")) for k in path), params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: not is_norm_scale(path), params)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: OptimizerConfig, total_steps: int,
+                   param_dtype=jnp.float32) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Clipping + AdamW. fp32 parameters with fp32 moments run optax.adamw; any bf16 state runs the same
+    arithmetic in fp32 with bf16 storage stochastically rounded (`low_precision`)."""
     schedule = make_schedule(cfg, total_steps)
-    tx = optax.chain(
-        optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity(),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
-    )
-    return tx, schedule
+    clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity()
+    if jnp.dtype(param_dtype) == jnp.float32 and jnp.dtype(cfg.moment_dtype) == jnp.float32:
+        adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            mask=decay_mask)
+    else:
+        adamw = optax.chain(low_precision.scale_by_adam(cfg.b1, cfg.b2, cfg.eps, cfg.moment_dtype),
+                            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+                            optax.scale_by_learning_rate(schedule))
+    return optax.chain(clip, adamw), schedule
 
 
 def optimizer_state_shardings(optimizer: optax.GradientTransformation, trainable: dict, shardings: dict,

@@ -18,6 +18,7 @@ from flax import nnx
 
 from maxdpo.data.batch import Batch
 from maxdpo.dpo.logps import completion_logps, next_token_labels, shared_completion_logps, token_stats
+from maxdpo.dpo import low_precision
 from maxdpo.dpo.freeze import TrainableSplit
 from maxdpo.dpo.losses import LOSSES, LossHyper, PairLogps, preference_loss
 from maxdpo.kernels.attention_blocks import PREFIX_GROUP
@@ -171,7 +172,7 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
         # the gradient of the mean loss over pairs
         grads = split.zero_frozen_slices(jax.tree.map(lambda g: g / sums["pairs"], grad_sums))
         updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
-        trainable = optax.apply_updates(trainable, split.zero_frozen_slices(updates))
+        trainable = low_precision.apply_updates(trainable, split.zero_frozen_slices(updates), state["step"])
         metrics = finalize_metrics(sums, sft=not settings.uses_reference)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state["step"])

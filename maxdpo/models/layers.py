@@ -42,6 +42,11 @@ ACTIVATIONS = {
 }
 
 
+def is_norm_scale(path) -> bool:
+    """Whether a parameter's tree path (jax key path) leads to a norm's scale."""
+    return any("norm" in str(getattr(key, "key", "")) for key in path)
+
+
 class RMSNorm(nnx.Module):
     """y = x / rms(x) * scale in fp32, with transformers' cast order: Llama casts before scaling; Gemma
     stores w and scales by (1 + w) in fp32 before casting."""

@@ -83,7 +83,11 @@ class Transformer(nnx.Module):
         windows = spec.layer_windows()
 
         def make_layer(window):
-            def layer(h, layer_state):
+            # The layer's weights are sliced out of the stack inside the (checkpointed) layer: the backward pass
+            # then slices them again instead of the forward scan saving a stacked copy of every weight.
+            def layer(h, all_layers, index):
+                layer_state = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False),
+                                           all_layers)
                 return nnx.merge(graphdef, layer_state)(h, positions, segment_ids, window, shared_prefix)
             if execution.remat == "none":
                 return layer
@@ -92,31 +96,30 @@ class Transformer(nnx.Module):
         layer_fns = {window: make_layer(window) for window in set(windows)}
         statistics = []
 
-        def apply(h, index, layer_state):
-            h, stats = layer_fns[windows[index]](h, layer_state)
+        def apply(h, window_index, index):
+            h, stats = layer_fns[windows[window_index]](h, stacked, index)
             return h, [] if stats is None else [stats]
 
         if not execution.scan_layers:
             for index in range(spec.num_layers):
-                x, stats = apply(x, index, jax.tree.map(lambda p: p[index], stacked))
+                x, stats = apply(x, index, index)
                 statistics += stats
             return x, statistics
 
         period = layer_period(windows)
         groups = spec.num_layers // period
 
-        def group(h, group_state):  # group_state leaves: [period, ...]
+        def group(h, group_index):
             group_stats = []
             for offset in range(period):
-                h, stats = apply(h, offset, jax.tree.map(lambda p: p[offset], group_state))
+                h, stats = apply(h, offset, group_index * period + offset)
                 group_stats += stats
             return h, group_stats
 
-        grouped = jax.tree.map(lambda p: p[:groups * period].reshape(groups, period, *p.shape[1:]), stacked)
-        x, scanned_stats = jax.lax.scan(group, x, grouped)
+        x, scanned_stats = jax.lax.scan(group, x, jnp.arange(groups))
         statistics += [jnp.sum(stats, axis=0) for stats in scanned_stats]
         for index in range(groups * period, spec.num_layers):  # layers past the last whole group
-            x, stats = apply(x, index, jax.tree.map(lambda p: p[index], stacked))
+            x, stats = apply(x, index, index)
             statistics += stats
         return x, statistics
 
