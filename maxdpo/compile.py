@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+
 from maxdpo.config import Config, ConfigError, overrides_set
 from maxdpo.configure import load_config
 from maxdpo.data.sources import resolve_path
@@ -70,16 +72,23 @@ def compile_program(cfg: Config, devices) -> tuple:
 
 def report(cfg: Config, topology: Topology, devices) -> dict:
     start = time.perf_counter()
-    compiled, program = compile_program(cfg, devices)
+    devices_per_chip = len(devices) // topology.chips
+    capacity = CHIP_MEMORY_GB[topology.chip] * 1e9 / devices_per_chip
+    rows, seq = cfg.trainer.batch_size, cfg.data.max_length
+    basics = dict(config=cfg.run.name, topology=topology.name, devices=len(devices), chip=topology.chip)
+    try:
+        compiled, program = compile_program(cfg, devices)
+    except jax.errors.JaxRuntimeError as err:  # libtpu refuses a program that does not fit, with the sizes
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        return dict(**basics, rows=rows, micro_batch=cfg.trainer.micro_batch, seq=seq,
+                    capacity_gb_per_device=capacity / 1e9, fits=False, compiler_refused=str(err).splitlines()[0])
     spec = program.spec
     memory = compiled.memory_analysis()
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
              + memory.temp_size_in_bytes)
-    devices_per_chip = len(devices) // topology.chips
-    capacity = CHIP_MEMORY_GB[topology.chip] * 1e9 / devices_per_chip
-    rows, seq = cfg.trainer.batch_size, cfg.data.max_length
     return dict(
-        config=cfg.run.name, topology=topology.name, devices=len(devices), chip=topology.chip,
+        **basics,
         mesh={axis: size for axis, size in program.mesh.shape.items() if size > 1}, model=spec.family,
         params_billion=spec.num_params() / 1e9, rows=rows, micro_batch=cfg.trainer.micro_batch,
         seq=seq, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
@@ -119,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"maxdpo.compile: error: {err}", file=sys.stderr)
         return 2
     for result in results:
+        if "compiler_refused" in result:
+            print(f"{result['config']} on {result['topology']} ({result['devices']} devices): {result['rows']} pairs x "
+                  f"{result['seq']} (micro {result['micro_batch']}) DOES NOT FIT: {result['compiler_refused']}")
+            continue
         memory = result["gb_per_device"]
         print(f"{result['config']} on {result['topology']} ({result['devices']} devices, mesh {result['mesh']}): "
               f"{result['params_billion']:.1f}B {result['model']}, {result['rows']} pairs x {result['seq']} "

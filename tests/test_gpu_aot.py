@@ -109,3 +109,22 @@ def test_the_1b_llama_dpo_step_compiles_and_fits_h100(tmp_path, topology, layout
     state = 14 * report["params_billion"] / gpus  # GB
     assert state <= memory["arguments"] < 1.02 * state + 0.1
     assert report["fits"] and memory["total"] < 80 and report["devices"] == gpus
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_fsdp_gathers_weights_in_the_compute_dtype(param_dtype):
+    """The 1B Llama step on h100:8 (fsdp 8, bf16 compute): every all-gather that moves a weight (>= 1M
+    elements) carries bf16, cast on the shards before the gather, whatever dtype the weights are kept in."""
+    import math
+    import re
+
+    cfg = load_config("bench_llama3_1b_dpo.yaml", ["mesh.data=1", "mesh.fsdp=8", "trainer.batch_size=8",
+                                                   "trainer.micro_batch_size=8", f"model.param_dtype={param_dtype}"])
+    compiled, _ = compile_program(cfg, compile_devices(parse_topology("h100:8")))
+    gathered = set()
+    for line in compiled.as_text().splitlines():
+        result = re.search(r"= (.*) all-gather(?:-start)?\(", line)
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]+)\]", result.group(1) if result else ""):
+            if math.prod(int(d) for d in dims.split(",")) >= 1 << 20:
+                gathered.add(dtype)
+    assert gathered == {"bf16"}

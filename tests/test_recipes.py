@@ -173,6 +173,19 @@ def test_tiny_twin_compiles_for_tpu_and_sizes_parse(tmp_path):
     assert parse_topology("v5e-16").tpu_name == "v5e:4x4"
 
 
+@pytest.mark.tpu_aot
+@needs_libtpu
+def test_a_program_libtpu_refuses_is_reported_as_not_fitting(tmp_path, capsys):
+    """libtpu refuses to compile a program past the chip's memory (where XLA:GPU plans it and says how much):
+    the report says it does not fit, with the compiler's sizes, and the exit status is 1."""
+    out = tmp_path / "report.json"
+    assert aot.main(["tiny_notux_8x7b_dpo.yaml", "--topology", "v5e-4", "data.max_length=16384",
+                     "model.overrides.max_position_embeddings=16384", "--json", str(out)]) == 1
+    (report,) = json.loads(out.read_text())
+    assert not report["fits"] and "RESOURCE_EXHAUSTED" in report["compiler_refused"]
+    assert "DOES NOT FIT: RESOURCE_EXHAUSTED" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @needs_libtpu
 def test_mixtral_dpo_with_reference_fits_a_v5p_16():
