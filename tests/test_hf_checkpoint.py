@@ -85,7 +85,7 @@ def test_sharded_load_equals_host_load_and_reads_only_needed_tensors(tmp_path):
     sharded = load_params_sharded(mixtral_dir, spec, family, shardings, np.float32)
     host = load_params(mixtral_dir, spec, family)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(sharded), host)
-    assert sharded["layers"]["mlp"]["gate_proj"].sharding.spec[1] == "expert"
+    assert sharded["layers"]["mlp"]["gate_proj"].sharding.spec[1] == ("expert", "fsdp")  # 4 experts, 1 a block
 
     reader = CheckpointReader(mixtral_dir, spec, family, np.float32)
     entry = next(e for e in family.param_entries(spec) if e.path == ("layers", "mlp", "down_proj"))

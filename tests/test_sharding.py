@@ -89,6 +89,12 @@ def test_logical_rules_map_and_skip_indivisible():
     expert_mesh = make_mesh(load_config(None, ["mesh.data=2", "mesh.expert=4"]).mesh)
     spec = logical_to_spec(("layers", "experts", "embed", "mlp"), rules, expert_mesh, (3, 8, 128, 256))
     assert tuple(spec) == (None, "expert", None, None)
+    # FSDP splits expert weights by expert where the count divides, else along embed
+    fsdp_mesh = make_mesh(load_config(None, ["mesh.data=2", "mesh.expert=2", "mesh.fsdp=2"]).mesh)
+    spec = logical_to_spec(("layers", "experts", "embed", "mlp"), rules, fsdp_mesh, (3, 8, 128, 256))
+    assert tuple(spec) == (None, ("expert", "fsdp"), None, None)
+    spec = logical_to_spec(("layers", "experts", "embed", "mlp"), rules, fsdp_mesh, (3, 6, 128, 256))
+    assert tuple(spec) == (None, "expert", "fsdp", None)
 
 
 def test_mesh_context_sets_the_mesh_and_the_rules_the_kernels_read():
