@@ -123,9 +123,9 @@ class TrainProgram:
         return mesh_context(self.mesh, self.rules)
 
     def reference_weights(self, params: dict) -> dict:
-        """`params` (placed like the policy) cast to the reference model's dtypes (`reference_dtypes`)."""
-        dtypes = reference_dtypes(params, self.execution.dtype)
-        cast = jax.jit(lambda tree: jax.tree.map(lambda x, dtype: x.astype(dtype), tree, dtypes),
+        """`params` (placed like the policy) cast to the reference model's dtypes (`abstract_reference`); only
+        for a program that runs a reference model."""
+        cast = jax.jit(lambda tree: jax.tree.map(lambda x, a: x.astype(a.dtype), tree, self.abstract_reference),
                        out_shardings=self.param_shardings)
         return cast(params)
 

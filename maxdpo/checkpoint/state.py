@@ -94,7 +94,7 @@ class CheckpointStore:
             yield
         except (OSError, ValueError, RuntimeError) as err:
             self._shut_down()  # stop the background writers before the error is reported
-            intact = sorted(int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit())
+            intact = step_folders(self.directory)
             kept = f"the complete checkpoints there (steps {intact}) are intact" if intact else "none was complete"
             raise CheckpointError(f"could not write a checkpoint in {self.directory}: {_reason(err)}; {kept}") from err
 
@@ -133,6 +133,11 @@ class CheckpointStore:
             self.manager.close()
 
 
+def step_folders(directory: Path) -> list[int]:
+    """The steps of the complete checkpoints in `directory` (Orbax renames `<step>` into place when done)."""
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
 def latest_meta(directory: str | Path) -> Optional[tuple[int, dict]]:
     """(step, meta) of the newest complete checkpoint under `directory` whose meta reads, or None when there is
     no checkpoint; creates nothing. Checkpoints that all fail to read are an error, never a fresh start."""
@@ -159,7 +164,7 @@ def find_checkpoint(source: str | Path) -> tuple[Path, int]:
     source = Path(source).absolute()
     for directory in (source / "checkpoints", source):
         if directory.is_dir():
-            steps = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+            steps = step_folders(directory)
             if steps:
                 return directory, steps[-1]
     if source.name.isdigit() and source.parent.is_dir():

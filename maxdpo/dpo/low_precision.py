@@ -28,9 +28,9 @@ def stochastic_round(x: jax.Array, key: jax.Array, dtype) -> jax.Array:
 
 
 def _round_tree(tree, key: jax.Array, dtypes):
-    """Each leaf of `tree` stochastically rounded to the matching dtype of `dtypes` (a tree or one dtype)."""
+    """Each leaf of `tree` stochastically rounded to the matching dtype of the tree `dtypes`."""
     leaves, treedef = jax.tree.flatten(tree)
-    dtype_leaves = treedef.flatten_up_to(dtypes) if not isinstance(dtypes, jnp.dtype) else [dtypes] * len(leaves)
+    dtype_leaves = treedef.flatten_up_to(dtypes)
     rounded = [stochastic_round(leaf, jax.random.fold_in(key, i), dtype)
                for i, (leaf, dtype) in enumerate(zip(leaves, dtype_leaves))]
     return jax.tree.unflatten(treedef, rounded)
@@ -58,8 +58,9 @@ def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype) -> optax.Gradi
         nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, nu, grads)
         step = count.astype(jnp.float32)
         updates = jax.tree.map(lambda m, v: (m / (1 - b1 ** step)) / (jnp.sqrt(v / (1 - b2 ** step)) + eps), mu, nu)
-        stored = optax.ScaleByAdamState(count, _round_tree(mu, _step_key(count, _FIRST_MOMENT), moment_dtype),
-                                        _round_tree(nu, _step_key(count, _SECOND_MOMENT), moment_dtype))
+        dtypes = jax.tree.map(lambda _: moment_dtype, mu)
+        stored = optax.ScaleByAdamState(count, _round_tree(mu, _step_key(count, _FIRST_MOMENT), dtypes),
+                                        _round_tree(nu, _step_key(count, _SECOND_MOMENT), dtypes))
         return updates, stored
 
     return optax.GradientTransformation(init, update)
