@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxdpo.models.layers import Attention, GatedMLP, RMSNorm, make_param
+from maxdpo.models.layers import Attention, GatedMLP, RMSNorm, make_param, token_matmul
 from maxdpo.models.moe import MoE, load_balancing_loss
 from maxdpo.models.spec import Architecture, Execution
 
@@ -154,7 +154,7 @@ class Transformer(nnx.Module):
         head = head.astype(self.execution.dtype)  # [D, V]
 
         def project(x: jax.Array) -> jax.Array:
-            logits = jnp.einsum("...D,DV->...V", x, head, preferred_element_type=jnp.float32)
+            logits = token_matmul(x, head, preferred_element_type=jnp.float32)  # [..., V]
             if spec.final_logit_softcap is not None:
                 logits = jnp.tanh(logits / spec.final_logit_softcap) * spec.final_logit_softcap
             return logits
