@@ -78,3 +78,20 @@ def test_bench_vs_trl_runs_both_sides(tmp_path):
         assert 8 * 2 * 4 * per_rate / elapsed < result[side]["tokens_per_s"], side
     assert result["ratio"] == pytest.approx(result["maxdpo"]["tokens_per_s"] / result["trl"]["tokens_per_s"])
     assert result["trl"]["steps"] == 7 and result["maxdpo"]["windows"] == 2  # steps 6-12; windows ending 10, 12
+
+
+def test_bench_vs_peers_times_maxdpo_on_the_shared_batches(tmp_path):
+    """tools/bench_vs_peers.py with no peer (their venvs need the package index): maxdpo's side loads the HF
+    folder, trains on the shared batches and reports every timed step; the first loss is log 2 (the policy is
+    its own reference) and training lowers it."""
+    from tools import bench_vs_peers  # torch and transformers: imported only here
+    out = tmp_path / "peers.json"
+    assert bench_vs_peers.main(["--peers", "--steps", "3", "--warmup", "1", "--pairs", "8", "--prompt-len", "8",
+                                "--completion-len", "8", "--hidden", "64", "--layers", "2", "--heads", "4",
+                                "--head-dim", "16", "--intermediate", "128", "--vocab", "512",
+                                "--json", str(out)]) == 0
+    side = json.loads(out.read_text())["sides"]["maxdpo"]
+    assert len(side["step_s_all"]) == 3 and side["step_s"] == pytest.approx(statistics.median(side["step_s_all"]))
+    assert side["tokens_per_s"] == pytest.approx(8 * 2 * 16 / side["step_s"])
+    assert len(side["losses"]) == 4 and side["losses"][0] == pytest.approx(np.log(2), abs=1e-6)
+    assert side["losses"][-1] < side["losses"][0]

@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--intermediate", type=int, default=1536)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--peers", nargs="+", default=list(PEER_PACKAGES), choices=list(PEER_PACKAGES))
+    parser.add_argument("--peers", nargs="*", default=list(PEER_PACKAGES), choices=list(PEER_PACKAGES),
+                        help="the frameworks to compare with (none: maxdpo's side alone)")
     parser.add_argument("--venvs", default=str(Path.home() / ".cache" / "maxdpo" / "peers"),
                         help="folder of the peers' venvs (default ~/.cache/maxdpo/peers)")
     parser.add_argument("--maxdpo", nargs="*", default=[], metavar="KEY=VALUE", help="maxdpo config overrides")

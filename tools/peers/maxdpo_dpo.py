@@ -29,6 +29,7 @@ def main() -> None:
     total = args.warmup + args.steps
     cfg = load_config(None, [f"model.path={args.model}", "model.overrides=null", "tokenizer.path=null",
                              f"trainer.batch_size={args.pairs}", f"data.max_length={length}",
+                             f"data.max_prompt_length={prompt_len}",
                              "optimizer.learning_rate=1e-3", "optimizer.schedule=constant",
                              "optimizer.warmup_ratio=0", "optimizer.max_grad_norm=0", *args.option])
     program = build_train_program(cfg, make_mesh(cfg.mesh), total)
