@@ -156,6 +156,14 @@ class FreezeConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    rank: int = 0  # 0: no adapters; > 0: adapters of this rank are the only trainable parameters
+    alpha: float = 16.0
+    rslora: bool = False  # scale = alpha / sqrt(rank) (PEFT use_rslora) instead of alpha / rank
+    targets: list = dataclasses.field(default_factory=list)  # regexes over HF weight names (as freeze.*)
+
+
+@dataclasses.dataclass
 class ExportConfig:
     hf: bool = True
     dtype: Optional[str] = None
@@ -173,8 +181,23 @@ class Config:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     mesh: MeshConfig = free(default_factory=MeshConfig)
     freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     export: ExportConfig = free(default_factory=ExportConfig)
     stages: list = dataclasses.field(default_factory=list)  # multi-stage runs: see maxdpo/stages.py
+
+
+def _check_lora(cfg: Config) -> None:
+    lora = cfg.lora
+    if lora.rank < 0:
+        raise ConfigError(f"config key 'lora.rank' must be >= 0 (0: no adapters), got {lora.rank}")
+    if not lora.rank:
+        return
+    if lora.alpha <= 0:
+        raise ConfigError(f"config key 'lora.alpha' must be > 0, got {lora.alpha}")
+    if cfg.freeze.trainable or cfg.freeze.frozen:
+        raise ConfigError("lora.targets chooses what trains when lora.rank > 0; unset freeze.trainable / freeze.frozen")
+    if cfg.reference.path:
+        raise ConfigError("with lora.rank > 0 the reference is the adapter-free base model; unset reference.path")
 
 
 # Choices that are settings rather than implementations (those are checked by maxdpo.configure).
@@ -376,6 +399,7 @@ def check_values(cfg: Config) -> None:
     for key in ("dpop_lambda", "sft_weight"):
         if getattr(cfg.dpo, key) < 0:
             raise ConfigError(f"config key 'dpo.{key}' must be >= 0, got {getattr(cfg.dpo, key)}")
+    _check_lora(cfg)
     if cfg.trainer.batch_size <= 0:
         raise ConfigError(f"config key 'trainer.batch_size' must be > 0, got {cfg.trainer.batch_size}")
     micro = cfg.trainer.micro_batch_size

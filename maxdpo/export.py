@@ -7,13 +7,14 @@ model card (README.md) with the hyper-parameters and the evaluations logged up t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 import jax
 
-from maxdpo.checkpoint.hf import save_params
+from maxdpo.checkpoint.peft import save_model
 from maxdpo.checkpoint.safetensors_io import CheckpointError
 from maxdpo.checkpoint.state import CheckpointStore, find_checkpoint
 from maxdpo.config import ConfigError
@@ -36,14 +37,16 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, dtype: str | None
         meta = store.read_meta(step)
         cfg = from_dict(meta["config"])
         spec = Architecture.from_dict(meta["model"])
-        _, abstract, _ = abstract_model(spec, execution_from_config(cfg))
+        _, abstract, _ = abstract_model(spec, execution_from_config(cfg, spec))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract)
         params = store.restore(step, target)["params"]
     finally:
         store.close()
     with export_folder(out_dir) as staging:
-        save_params(spec, jax.tree.map(jax.device_get, params), staging, dtype or cfg.export.dtype)
+        if dtype:
+            cfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, dtype=dtype))
+        save_model(spec, cfg, jax.tree.map(jax.device_get, params), staging)
         try:
             export_tokenizer(cfg, staging)
         except (ConfigError, OSError) as err:

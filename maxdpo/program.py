@@ -20,22 +20,25 @@ from maxdpo.checkpoint.hf import spec_from_pretrained, to_dtype
 from maxdpo.config import Config, ConfigError
 from maxdpo.data.batch import Batch, layout_of, longest_row
 from maxdpo.data.sources import resolve_path
-from maxdpo.dpo.freeze import TrainableSplit, trainable_split
+from maxdpo.dpo.freeze import TrainableSplit, adapter_split, trainable_split
 from maxdpo.dpo.losses import LossHyper
 from maxdpo.dpo.optim import make_optimizer, optimizer_state_shardings
 from maxdpo.dpo.step import LossSettings, make_eval_step, make_reference_logps, make_train_step
 from maxdpo.models.layers import is_norm_scale
+from maxdpo.models.lora import plan as lora_plan
 from maxdpo.models.registry import get_family
 from maxdpo.models.spec import Architecture, Execution
 from maxdpo.models.transformer import abstract_model
 from maxdpo.sharding import batch_sharding, mesh_context, micro_batch_parallel_size, replicated, tree_shardings
 
 
-def execution_from_config(cfg: Config) -> Execution:
+def execution_from_config(cfg: Config, spec: Optional[Architecture] = None) -> Execution:
+    """How `cfg` runs its model; `spec` (needed with LoRA) says which weights the adapter targets match."""
     model = cfg.model
+    lora = lora_plan(spec, get_family(spec.family), cfg.lora)[0] if cfg.lora.rank else None
     return Execution(dtype=to_dtype(model.dtype), param_dtype=to_dtype(model.param_dtype), attention=model.attention,
                      moe_impl=model.moe_impl, remat=model.remat, scan_layers=model.scan_layers,
-                     logits_chunk=model.logits_chunk)
+                     logits_chunk=model.logits_chunk, lora=lora)
 
 
 def architecture_from_config(cfg: Config) -> Architecture:
@@ -165,12 +168,15 @@ def build_train_program(cfg: Config, mesh: Mesh, total_steps: int,
     """The program of `cfg` on `mesh`; `total_steps` sets the learning-rate schedule; `spec` is the
     architecture when the caller has read it already (else `architecture_from_config`)."""
     rules = cfg.mesh.logical_axis_rules
-    spec, execution = spec or architecture_from_config(cfg), execution_from_config(cfg)
+    spec = spec or architecture_from_config(cfg)
+    execution = execution_from_config(cfg, spec)
     data_parallel = check_layout(cfg, mesh, spec)
     graphdef, abstract_params, axes = abstract_model(spec, execution)
     param_shardings = tree_shardings(abstract_params, axes, rules, mesh)
     params = _abstract(abstract_params, param_shardings)
-    split = trainable_split(spec, get_family(spec.family), cfg.freeze)
+    family = get_family(spec.family)
+    split = (adapter_split(spec, family, lora_plan(spec, family, cfg.lora)[1]) if execution.lora
+             else trainable_split(spec, family, cfg.freeze))
     optimizer, schedule = make_optimizer(cfg.optimizer, total_steps, execution.param_dtype)
     trainable = split.trainable(params)
     scalar = replicated(mesh)
@@ -180,16 +186,18 @@ def build_train_program(cfg: Config, mesh: Mesh, total_steps: int,
     state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     settings = loss_settings(cfg)
     rows = batch_sharding(mesh, rules)
-    reference_model = settings.uses_reference and not cfg.reference.precompute
+    # With LoRA the steps' reference is the policy's base (adapters off): no reference weights of its own.
+    base_reference = settings.uses_reference and not cfg.reference.precompute and execution.lora is not None
+    reference_model = settings.uses_reference and not cfg.reference.precompute and not base_reference
     abstract_reference = (jax.tree.map(lambda a, dtype: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding),
                                        params, reference_dtypes(params, execution.dtype))
                           if reference_model else None)
     ref_shardings: Optional[Any] = param_shardings if reference_model else None
     train_step = jax.jit(make_train_step(graphdef, settings, optimizer, schedule, cfg.trainer.accumulation_steps,
-                                         split),
+                                         split, base_reference),
                          in_shardings=(state_shardings, ref_shardings, rows),
                          out_shardings=(state_shardings, scalar), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef, settings), in_shardings=(param_shardings, ref_shardings, rows))
+    eval_step = jax.jit(make_eval_step(graphdef, settings, base_reference), in_shardings=(param_shardings, ref_shardings, rows))
     reference_logps = jax.jit(make_reference_logps(graphdef), in_shardings=(param_shardings, rows),
                               out_shardings=scalar)
     return TrainProgram(cfg, mesh, spec, execution, graphdef, split, settings, optimizer, schedule,

@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from maxdpo.atomic import atomic_path
-from maxdpo.checkpoint.hf import save_params
+from maxdpo.checkpoint.peft import save_model
 from maxdpo.checkpoint.state import CheckpointStore
 from maxdpo.checkpoint.safetensors_io import CheckpointError
 from maxdpo.config import Config, ConfigError, save_config, to_dict
@@ -296,7 +296,7 @@ class Trainer:
         if not self.is_main:
             return
         with export_folder(out_dir) as staging:
-            save_params(self.program.spec, host, staging, self.cfg.export.dtype)
+            save_model(self.program.spec, self.cfg, host, staging)
             export_tokenizer(self.cfg, staging)
             write_model_card(staging, self.cfg, self.run_dir / "metrics.jsonl", step, dict(self.mesh.shape),
                              self.program.data_parallel)

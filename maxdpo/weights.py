@@ -10,16 +10,21 @@ from jax.experimental import multihost_utils
 from maxdpo.checkpoint.hf import load_params_sharded, spec_from_pretrained
 from maxdpo.config import ConfigError
 from maxdpo.data.sources import resolve_path
+from maxdpo.models.lora import adapters_off, merge_trees, split_adapters
 from maxdpo.models.registry import get_family
 from maxdpo.models.transformer import Transformer
 from maxdpo.program import TrainProgram
 
 
-def init_params(program: TrainProgram, seed: int) -> dict:
-    """Random init directly into its shards (never materialised whole on one device)."""
+def init_params(program: TrainProgram, seed: int, adapters_only: bool = False) -> dict:
+    """Random init directly into its shards (never materialised whole on one device); `adapters_only`: just
+    the LoRA adapters (the compiler drops the rest of the init)."""
+    keep = split_adapters if adapters_only else (lambda tree: (None, tree))
+
     def create():
-        return nnx.to_pure_dict(nnx.state(Transformer(program.spec, nnx.Rngs(seed), program.execution), nnx.Param))
-    return jax.jit(create, out_shardings=program.param_shardings)()
+        params = nnx.to_pure_dict(nnx.state(Transformer(program.spec, nnx.Rngs(seed), program.execution), nnx.Param))
+        return keep(params)[1]
+    return jax.jit(create, out_shardings=keep(program.param_shardings)[1])()
 
 
 def load_sharded(program: TrainProgram, path: str) -> dict:
@@ -30,13 +35,21 @@ def load_sharded(program: TrainProgram, path: str) -> dict:
 
 
 def initial_params(program: TrainProgram) -> dict:
+    """`model.path`'s weights (with freshly initialised LoRA adapters, when the run has them) or a random init."""
     cfg = program.cfg
-    return load_sharded(program, cfg.model.path) if cfg.model.path else init_params(program, cfg.run.seed)
+    if not cfg.model.path:
+        return init_params(program, cfg.run.seed)
+    params = load_sharded(program, cfg.model.path)
+    if program.execution.lora:
+        params = merge_trees(params, init_params(program, cfg.run.seed, adapters_only=True))
+    return params
 
 
 def reference_params(program: TrainProgram, initial: dict, copy: bool = True) -> dict:
     """`reference.path`'s weights, or the initial policy (copied unless `copy` is false). The steps' reference
     model keeps them in its dtypes (`program.reference_weights`); the precompute pass reads them as they are."""
+    if program.execution.lora:  # the base model: the same weights with the adapters off
+        return adapters_off(initial)
     path = program.cfg.reference.path
     if path:
         if spec_from_pretrained(resolve_path(path))[1] != program.spec:

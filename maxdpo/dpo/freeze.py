@@ -103,3 +103,12 @@ def trainable_split(spec: Architecture, family: Family, cfg: FreezeConfig) -> Tr
     if not any(mask is not False for mask in masks.values()):
         raise ConfigError("freeze.trainable / freeze.frozen leave no parameter to train")
     return TrainableSplit(masks)
+
+
+def adapter_split(spec: Architecture, family: Family, trained_layers: dict[str, np.ndarray]) -> TrainableSplit:
+    """LoRA (`maxdpo.models.lora.plan`): every base weight frozen; the adapters of each adapted weight train in
+    the layers its targets match."""
+    masks: dict[str, Mask] = {SEPARATOR.join(entry.path): False for entry in family.param_entries(spec)}
+    for weight, layers in trained_layers.items():
+        masks[weight + "_lora_a"] = masks[weight + "_lora_b"] = True if layers.all() else layers
+    return TrainableSplit(masks)

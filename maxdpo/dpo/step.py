@@ -22,6 +22,7 @@ from maxdpo.dpo import low_precision
 from maxdpo.dpo.freeze import TrainableSplit
 from maxdpo.dpo.losses import LOSSES, LossHyper, PairLogps, preference_loss
 from maxdpo.kernels.attention_blocks import PREFIX_GROUP
+from maxdpo.models.lora import adapters_off
 
 # Sums over pairs; divided by the number of pairs.
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -139,14 +140,18 @@ def split_micro_batches(batch: Batch, num_micro: int) -> Batch:
 
 
 def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, num_micro: int, split: TrainableSplit) -> Callable:
+                    schedule: optax.Schedule, num_micro: int, split: TrainableSplit,
+                    base_reference: bool = False) -> Callable:
     """train_step(state, ref_params, batch) -> (state, metrics); state = {step, params, opt_state}.
 
     The optimizer sees only `split.trainable(params)`; `ref_params` is None when the batch carries
-    precomputed reference logps.
+    precomputed reference logps, or with `base_reference` (LoRA): the reference is then the policy's own
+    weights with the adapters off, no second copy.
     """
 
     def micro_step(trainable, frozen, ref_params, micro, scale):
+        if base_reference:
+            ref_params = adapters_off(split.merge(trainable, frozen))
         reference = reference_stats(graphdef, ref_params, micro, settings)
 
         def loss_fn(p):
@@ -182,10 +187,13 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings) -> Callable:
-    """eval_step(params, ref_params, batch) -> metric sums (summed over pairs, for averaging over batches)."""
+def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings, base_reference: bool = False) -> Callable:
+    """eval_step(params, ref_params, batch) -> metric sums (summed over pairs, for averaging over batches);
+    `base_reference` as in `make_train_step`."""
 
     def eval_step(params: dict, ref_params: Optional[dict], batch: Batch) -> dict:
+        if base_reference:
+            ref_params = adapters_off(params)
         reference = reference_stats(graphdef, ref_params, batch, settings)
         policy = sequence_stats(graphdef, params, batch)
         return pair_metric_sums(policy, reference, settings, batch.pair_mask, sft_scale(batch))[1]

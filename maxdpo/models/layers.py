@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from maxdpo.kernels import dot_product_attention
+from maxdpo.models.lora import make_adapters
 from maxdpo.models.spec import Architecture, Execution
 
 
@@ -52,6 +53,29 @@ def token_matmul(x: jax.Array, w: jax.Array, contract: int = 1, preferred_elemen
     flat = jnp.dot(x.reshape(-1, math.prod(in_shape)), w.reshape(math.prod(in_shape), -1),
                    preferred_element_type=preferred_element_type)  # [tokens, out]
     return flat.reshape(*tokens, *out_shape)
+
+
+def add_adapters(module: nnx.Module, prefix: str, weights: dict[str, int], execution: Execution, rngs: nnx.Rngs,
+                 num_layers: Optional[int]) -> None:
+    """LoRA A and B beside each of `weights` ({name: input dims}) that `execution.lora` adapts at `prefix/name`."""
+    module.lora = execution.lora
+    for name, contract in weights.items():
+        if execution.lora and execution.lora.adapts(f"{prefix}/{name}"):
+            a, b = make_adapters(rngs, getattr(module, name), contract, execution.lora.rank, num_layers is not None)
+            setattr(module, f"{name}_lora_a", a)
+            setattr(module, f"{name}_lora_b", b)
+
+
+def project(module: nnx.Module, name: str, x: jax.Array, contract: int = 1) -> jax.Array:
+    """x times the module's weight `name` in x's dtype (`token_matmul`), plus scale * (x A) B where the weight
+    carries LoRA adapters."""
+    dtype = x.dtype
+    y = token_matmul(x, getattr(module, name)[...].astype(dtype), contract)
+    if module.lora is None or not hasattr(module, f"{name}_lora_a"):
+        return y
+    a = getattr(module, f"{name}_lora_a")[...].astype(dtype)  # [*in, r]
+    b = getattr(module, f"{name}_lora_b")[...].astype(dtype)  # [r, *out]
+    return y + module.lora.scale * token_matmul(token_matmul(x, a, contract), b)
 
 
 def is_norm_scale(path) -> bool:
@@ -121,16 +145,17 @@ class Attention(nnx.Module):
         self.k_proj = make_param(shape=(d, k, h), axes=("embed", "kv_heads", "head_dim"), **init)
         self.v_proj = make_param(shape=(d, k, h), axes=("embed", "kv_heads", "head_dim"), **init)
         self.o_proj = make_param(shape=(n, h, d), axes=("heads", "head_dim", "embed"), **init)
+        add_adapters(self, "layers/attn", {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2}, execution, rngs,
+                     num_layers)
         self.spec = spec
         self.impl = execution.attention
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  sliding_window: Optional[int] = None, shared_prefix: bool = False) -> jax.Array:
         """shared_prefix: rows in the prefix-sharing layout (segment ids per `attention_blocks.PREFIX_GROUP`)."""
-        dtype = x.dtype
-        q = token_matmul(x, self.q_proj[...].astype(dtype))  # [B, T, N, H]
-        k = token_matmul(x, self.k_proj[...].astype(dtype))  # [B, T, K, H]
-        v = token_matmul(x, self.v_proj[...].astype(dtype))  # [B, T, K, H]
+        q = project(self, "q_proj", x)  # [B, T, N, H]
+        k = project(self, "k_proj", x)  # [B, T, K, H]
+        v = project(self, "v_proj", x)  # [B, T, K, H]
         inv_freq = rope_inverse_frequencies(self.spec)
         q = apply_rotary(q, positions, inv_freq)
         k = apply_rotary(k, positions, inv_freq)
@@ -139,7 +164,7 @@ class Attention(nnx.Module):
             q_segment_ids=segment_ids, kv_segment_ids=segment_ids, scale=self.spec.attention_scale,
             sliding_window=sliding_window, logit_softcap=self.spec.attn_logit_softcap,
             shared_prefix=shared_prefix)
-        return token_matmul(out, self.o_proj[...].astype(dtype), contract=2)  # [B, T, D]
+        return project(self, "o_proj", out, contract=2)  # [B, T, D]
 
 
 class GatedMLP(nnx.Module):
@@ -151,10 +176,10 @@ class GatedMLP(nnx.Module):
         self.gate_proj = make_param(shape=(d, f), axes=("embed", "mlp"), **init)
         self.up_proj = make_param(shape=(d, f), axes=("embed", "mlp"), **init)
         self.down_proj = make_param(shape=(f, d), axes=("mlp", "embed"), **init)
+        add_adapters(self, "layers/mlp", {"gate_proj": 1, "up_proj": 1, "down_proj": 1}, execution, rngs, num_layers)
         self.hidden_act = spec.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        gate = token_matmul(x, self.gate_proj[...].astype(dtype))  # [B, T, F]
-        up = token_matmul(x, self.up_proj[...].astype(dtype))  # [B, T, F]
-        return token_matmul(ACTIVATIONS[self.hidden_act](gate) * up, self.down_proj[...].astype(dtype))  # [B, T, D]
+        gate = project(self, "gate_proj", x)  # [B, T, F]
+        up = project(self, "up_proj", x)  # [B, T, F]
+        return project(self, "down_proj", ACTIVATIONS[self.hidden_act](gate) * up)  # [B, T, D]

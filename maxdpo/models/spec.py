@@ -111,6 +111,17 @@ class Architecture:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters (`maxdpo.models.lora`): rank, scale and the weights that carry them ('layers/attn/q_proj')."""
+    rank: int
+    scale: float
+    weights: tuple[str, ...]
+
+    def adapts(self, path: str) -> bool:
+        return path in self.weights
+
+
+@dataclasses.dataclass(frozen=True)
 class Execution:
     """How a run executes an architecture (not part of the checkpoint): dtypes, kernels, remat, scan."""
     dtype: Any = jnp.float32  # compute
@@ -120,3 +131,4 @@ class Execution:
     remat: str = "none"  # a key of maxdpo.models.transformer.REMAT_POLICIES, or none
     scan_layers: bool = True
     logits_chunk: int = 512  # positions per vocabulary projection in the loss (0: all at once)
+    lora: Optional[LoraSpec] = None  # adapters on some weights; the rest of the model is frozen
