@@ -29,15 +29,20 @@ ATTENTION = (r"self_attn\.(q|v|o)_proj", r".*self_attn\.(q_proj|v_proj|o_proj)")
 SOME_MLP = (r"layers\.[02]\.mlp\.(gate|down)_proj", r".*layers\.[02]\.mlp\.(gate_proj|down_proj)")
 
 
-def peft_model(base, rank, alpha, rslora, peft_targets, seed=1):
-    """`base` with PEFT LoRA adapters whose A and B are random (B = 0 would hide a wrong B)."""
-    model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora,
-                                                      target_modules="|".join(peft_targets), lora_dropout=0.0))
+def randomize_adapters(model, seed=1):
+    """Random A and B in a PEFT model (B = 0, PEFT's init, would hide a wrong B)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+
+
+def peft_model(base, rank, alpha, rslora, peft_targets):
+    """`base` with PEFT LoRA adapters, random A and B."""
+    model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora,
+                                                      target_modules="|".join(peft_targets), lora_dropout=0.0))
+    randomize_adapters(model)
     return model.eval()
 
 
@@ -186,3 +191,49 @@ def test_adapters_alone_fit_a_batch_and_the_reference_stays_the_base():
     for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(after[0])):
         np.testing.assert_array_equal(a, b)
     assert np.abs(after[1]["layers"]["attn"]["q_proj_lora_b"]).max() > 0
+
+
+def test_lora_dpo_metrics_and_gradient_equal_trl_with_a_peft_model(tmp_path):
+    """TRL's DPOTrainer on a PEFT LoRA model (its reference: the same model with the adapters disabled) against
+    maxdpo's train step on the same adapters and batch: loss, every logged metric, and the adapters' gradient
+    norm."""
+    import optax
+    import trl
+    from datasets import Dataset
+
+    from maxdpo.data.sources import resolve_path
+    from maxdpo.dpo.freeze import adapter_split
+    from maxdpo.dpo.losses import LossHyper
+    from maxdpo.dpo.step import LossSettings, make_train_step
+    from tests.test_trl_parity import METRICS, ROWS, maxdpo_batch
+
+    base = tiny_llama(tmp_path / "base")
+    targets = [ATTENTION, SOME_MLP]
+    lora = peft.LoraConfig(r=4, lora_alpha=8.0, target_modules="|".join(theirs for _, theirs in targets),
+                           lora_dropout=0.0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_path("bundled:tiny/tokenizer"))
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, per_device_train_batch_size=len(ROWS),
+                         report_to=[], use_cpu=True, bf16=False, max_length=32)
+    trainer = trl.DPOTrainer(model=base, ref_model=None, args=args, train_dataset=Dataset.from_list(ROWS),
+                             processing_class=tokenizer, peft_config=lora)
+    randomize_adapters(trainer.model)  # as if trained: policy and adapter-free reference differ
+    trainer.model.save_pretrained(tmp_path / "theirs")
+    trl_batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    trainer.model.zero_grad()
+    value = trainer.compute_loss(trainer.model, trl_batch)
+    value.backward()
+    grads = [p.grad.double() for p in trainer.model.parameters() if p.grad is not None]
+    expected = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    expected.update(loss=value.item(), grad_norm=torch.sqrt(sum((g ** 2).sum() for g in grads)).item())
+    assert 0 < expected["rewards/accuracies"] < 1  # the adapters make policy and reference differ
+
+    cfg = LoraConfig(rank=4, alpha=8.0, targets=[ours for ours, _ in targets])
+    spec, family, graphdef, params = maxdpo_lora(tmp_path / "base", cfg, tmp_path / "theirs")
+    split = adapter_split(spec, family, plan(spec, family, cfg)[1])
+    step = jax.jit(make_train_step(graphdef, LossSettings("sigmoid", LossHyper(0.3, 0.0)), optax.sgd(1e-3),
+                                   optax.constant_schedule(1e-3), 1, split, base_reference=True))
+    state = {"step": np.int32(0), "params": params, "opt_state": optax.sgd(1e-3).init(split.trainable(params))}
+    _, metrics = step(state, None, maxdpo_batch({k: v.numpy() for k, v in trl_batch.items()}))
+    for name in METRICS + ("grad_norm",):
+        assert float(metrics[name]) == pytest.approx(expected[name], rel=2e-4, abs=1e-5), name
