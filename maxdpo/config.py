@@ -161,6 +161,7 @@ class LoraConfig:
     alpha: float = 16.0
     rslora: bool = False  # scale = alpha / sqrt(rank) (PEFT use_rslora) instead of alpha / rank
     targets: list = dataclasses.field(default_factory=list)  # regexes over HF weight names (as freeze.*)
+    quantize: Optional[str] = None  # nf4: QLoRA, the layers' projection weights stored 4-bit
 
 
 @dataclasses.dataclass
@@ -191,6 +192,8 @@ def _check_lora(cfg: Config) -> None:
     if lora.rank < 0:
         raise ConfigError(f"config key 'lora.rank' must be >= 0 (0: no adapters), got {lora.rank}")
     if not lora.rank:
+        if lora.quantize:
+            raise ConfigError("lora.quantize stores the frozen base of a LoRA run; set lora.rank > 0")
         return
     if lora.alpha <= 0:
         raise ConfigError(f"config key 'lora.alpha' must be > 0, got {lora.alpha}")
@@ -210,6 +213,7 @@ CHOICES = {
     "optimizer.moment_dtype": ("float32", "bfloat16"),
     "trainer.resume": ("auto", "never"),
     "export.dtype": (None, "float32", "bfloat16", "float16"),
+    "lora.quantize": (None, "nf4"),
 }
 
 

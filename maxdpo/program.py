@@ -38,7 +38,7 @@ def execution_from_config(cfg: Config, spec: Optional[Architecture] = None) -> E
     lora = lora_plan(spec, get_family(spec.family), cfg.lora)[0] if cfg.lora.rank else None
     return Execution(dtype=to_dtype(model.dtype), param_dtype=to_dtype(model.param_dtype), attention=model.attention,
                      moe_impl=model.moe_impl, remat=model.remat, scan_layers=model.scan_layers,
-                     logits_chunk=model.logits_chunk, lora=lora)
+                     logits_chunk=model.logits_chunk, lora=lora, quantize=cfg.lora.quantize)
 
 
 def architecture_from_config(cfg: Config) -> Architecture:
@@ -121,6 +121,14 @@ class TrainProgram:
     def param_shardings(self) -> dict:
         return self.state_shardings["params"]
 
+    def stored_weight_shardings(self) -> dict:
+        """The shardings of the weights as an HF folder holds them: `param_shardings`, or with a quantised base
+        (`lora.quantize`) those of the unquantised model, which loading quantises."""
+        if not self.execution.quantize:
+            return self.param_shardings
+        _, abstract, axes = abstract_model(self.spec, dataclasses.replace(self.execution, quantize=None))
+        return tree_shardings(abstract, axes, self.rules, self.mesh)
+
     def mesh_context(self):
         """The mesh and logical rules the steps are traced under (the kernels shard per device from them)."""
         return mesh_context(self.mesh, self.rules)
@@ -175,7 +183,7 @@ def build_train_program(cfg: Config, mesh: Mesh, total_steps: int,
     param_shardings = tree_shardings(abstract_params, axes, rules, mesh)
     params = _abstract(abstract_params, param_shardings)
     family = get_family(spec.family)
-    split = (adapter_split(spec, family, lora_plan(spec, family, cfg.lora)[1]) if execution.lora
+    split = (adapter_split(abstract_params, lora_plan(spec, family, cfg.lora)[1]) if execution.lora
              else trainable_split(spec, family, cfg.freeze))
     optimizer, schedule = make_optimizer(cfg.optimizer, total_steps, execution.param_dtype)
     trainable = split.trainable(params)

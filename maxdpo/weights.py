@@ -10,7 +10,7 @@ from jax.experimental import multihost_utils
 from maxdpo.checkpoint.hf import load_params_sharded, spec_from_pretrained
 from maxdpo.config import ConfigError
 from maxdpo.data.sources import resolve_path
-from maxdpo.models.lora import adapters_off, merge_trees, split_adapters
+from maxdpo.models.lora import adapters_off, merge_trees, quantize_base, split_adapters
 from maxdpo.models.registry import get_family
 from maxdpo.models.transformer import Transformer
 from maxdpo.program import TrainProgram
@@ -28,10 +28,15 @@ def init_params(program: TrainProgram, seed: int, adapters_only: bool = False) -
 
 
 def load_sharded(program: TrainProgram, path: str) -> dict:
-    """HF weights, streamed from disk and placed tensor by tensor onto their shards."""
+    """HF weights, streamed from disk and placed tensor by tensor onto their shards (then quantised where the
+    run stores its base in NF4)."""
     spec = program.spec
-    return load_params_sharded(resolve_path(path), spec, get_family(spec.family), program.param_shardings,
-                               program.execution.param_dtype)
+    params = load_params_sharded(resolve_path(path), spec, get_family(spec.family), program.stored_weight_shardings(),
+                                 program.execution.param_dtype)
+    if program.execution.quantize:
+        base_shardings = split_adapters(program.param_shardings)[0]
+        params = jax.jit(quantize_base, out_shardings=base_shardings, donate_argnums=0)(params)
+    return params
 
 
 def initial_params(program: TrainProgram) -> dict:

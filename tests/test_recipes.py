@@ -102,6 +102,24 @@ def test_gemma_sft_then_dpo_with_laser_freezing(tmp_path):
         assert moved == (".layers.2." in name or ".layers.3." in name), name
 
 
+def test_gemma_laser_qlora_sft_then_dpo(tmp_path):
+    """The laser-QLoRA twin: NF4 base, adapters on layers 2 and 3 only; the DPO stage starts from the SFT stage's
+    merged export (re-quantised losslessly: NF4 values are their own codes), so only layers 2 and 3 move, and
+    each stage's PEFT folder holds adapters of those layers alone."""
+    import re
+    run_dir = tmp_path / "run"
+    assert train.main(["tiny_gemma_7b_sft_dpo_qlora.yaml", f"run.output_dir={run_dir}", *QUICK]) == 0
+    assert load_config(str(run_dir / "2_dpo" / "config.yaml")).model.path == str(run_dir / "1_sft" / "hf")
+    assert "rewards/chosen" in _rows(run_dir / "2_dpo")[0]
+    sft, dpo = _tensors(run_dir / "1_sft" / "hf"), _tensors(run_dir / "2_dpo" / "hf")
+    for name in sft:
+        moved = not np.array_equal(sft[name], dpo[name])
+        assert moved == bool(re.search(r"layers\.[23]\..*_proj", name)), name
+    for stage in ("1_sft", "2_dpo"):
+        adapters = SafetensorsFile(run_dir / stage / "hf" / "adapter" / "adapter_model.safetensors").keys()
+        assert adapters and all(re.search(r"\.layers\.[23]\.", key) for key in adapters)
+
+
 # Parameters of the tiny twins by hand: per layer q, k, v, o + the MLP (x experts, + router) + 2 norms; then
 # the embedding, the final norm and an untied lm_head (Gemma ties it).
 MIXTRAL_PARAMS = 2 * (64 * 16 * (4 + 2 + 2 + 4) + 4 * 3 * 64 * 96 + 64 * 4 + 2 * 64) + 64 * 64 + 64 + 64 * 64

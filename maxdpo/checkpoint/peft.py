@@ -20,9 +20,10 @@ from maxdpo.checkpoint.hf import _hf_to_ours, _ours_to_hf, save_params
 from maxdpo.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from maxdpo.config import Config, LoraConfig
 from maxdpo.models.family import Family
-from maxdpo.models.lora import adapter_entries, is_adapter, plan
+from maxdpo.models.lora import adapter_entries, dequantize_base, is_adapter, plan
 from maxdpo.models.registry import get_family
 from maxdpo.models.spec import Architecture, LoraSpec
+from maxdpo.models.transformer import abstract_model
 
 ADAPTER_FOLDER = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -52,6 +53,8 @@ def save_model(spec: Architecture, cfg: Config, params: dict, out: Path) -> None
         return
     family = get_family(spec.family)
     lora, _ = plan(spec, family, cfg.lora)
+    if cfg.lora.quantize:  # the merged model adds the adapters to the NF4 base as the run computed with it
+        params = dequantize_base(params, abstract_model(spec)[1])
     save_params(spec, merge_adapters(params, lora), out, cfg.export.dtype)
     save_adapter(spec, family, cfg.lora, params, out / ADAPTER_FOLDER, cfg.model.path or "")
 

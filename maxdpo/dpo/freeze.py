@@ -105,10 +105,10 @@ def trainable_split(spec: Architecture, family: Family, cfg: FreezeConfig) -> Tr
     return TrainableSplit(masks)
 
 
-def adapter_split(spec: Architecture, family: Family, trained_layers: dict[str, np.ndarray]) -> TrainableSplit:
-    """LoRA (`maxdpo.models.lora.plan`): every base weight frozen; the adapters of each adapted weight train in
-    the layers its targets match."""
-    masks: dict[str, Mask] = {SEPARATOR.join(entry.path): False for entry in family.param_entries(spec)}
+def adapter_split(params: dict, trained_layers: dict[str, np.ndarray]) -> TrainableSplit:
+    """LoRA (`maxdpo.models.lora.plan`): every weight of `params` (a tree of the model's parameters, abstract or
+    not) frozen; the adapters of each adapted weight train in the layers its targets match."""
+    masks: dict[str, Mask] = {key: False for key in traverse_util.flatten_dict(params, sep=SEPARATOR)}
     for weight, layers in trained_layers.items():
         masks[weight + "_lora_a"] = masks[weight + "_lora_b"] = True if layers.all() else layers
     return TrainableSplit(masks)

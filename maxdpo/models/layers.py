@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from maxdpo.kernels import dot_product_attention
+from maxdpo.models import nf4
 from maxdpo.models.lora import make_adapters
 from maxdpo.models.spec import Architecture, Execution
 
@@ -66,11 +67,36 @@ def add_adapters(module: nnx.Module, prefix: str, weights: dict[str, int], execu
             setattr(module, f"{name}_lora_b", b)
 
 
+def quantize_weights(module: nnx.Module, names: tuple[str, ...], execution: Execution) -> None:
+    """With `execution.quantize` ("nf4"), replaces each weight of `names` [layers, ...] by its NF4 codes and
+    block scales per layer (`name_nf4`, `name_absmax`); `module.nf4_shapes` keeps the per-layer shapes."""
+    module.nf4_shapes = ()
+    if execution.quantize != "nf4":
+        return
+    shapes = []
+    for name in names:
+        weight = getattr(module, name).get_value()  # [layers, ...]
+        codes, absmax = jax.vmap(nf4.quantize)(weight)
+        setattr(module, f"{name}_nf4", nnx.Param(codes, logical_axes=("layers", None)))
+        setattr(module, f"{name}_absmax", nnx.Param(absmax, logical_axes=("layers", None)))
+        delattr(module, name)
+        shapes.append((name, weight.shape[1:]))
+    module.nf4_shapes = tuple(shapes)
+
+
+def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
+    """The module's weight `name` in `dtype`, dequantised from NF4 where it is stored so."""
+    shape = dict(module.nf4_shapes).get(name)
+    if shape is None:
+        return getattr(module, name)[...].astype(dtype)
+    return nf4.dequantize(getattr(module, f"{name}_nf4")[...], getattr(module, f"{name}_absmax")[...], shape, dtype)
+
+
 def project(module: nnx.Module, name: str, x: jax.Array, contract: int = 1) -> jax.Array:
     """x times the module's weight `name` in x's dtype (`token_matmul`), plus scale * (x A) B where the weight
     carries LoRA adapters."""
     dtype = x.dtype
-    y = token_matmul(x, getattr(module, name)[...].astype(dtype), contract)
+    y = token_matmul(x, weight(module, name, dtype), contract)
     if module.lora is None or not hasattr(module, f"{name}_lora_a"):
         return y
     a = getattr(module, f"{name}_lora_a")[...].astype(dtype)  # [*in, r]
@@ -147,6 +173,7 @@ class Attention(nnx.Module):
         self.o_proj = make_param(shape=(n, h, d), axes=("heads", "head_dim", "embed"), **init)
         add_adapters(self, "layers/attn", {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2}, execution, rngs,
                      num_layers)
+        quantize_weights(self, ("q_proj", "k_proj", "v_proj", "o_proj"), execution)
         self.spec = spec
         self.impl = execution.attention
 
@@ -177,6 +204,7 @@ class GatedMLP(nnx.Module):
         self.up_proj = make_param(shape=(d, f), axes=("embed", "mlp"), **init)
         self.down_proj = make_param(shape=(f, d), axes=("mlp", "embed"), **init)
         add_adapters(self, "layers/mlp", {"gate_proj": 1, "up_proj": 1, "down_proj": 1}, execution, rngs, num_layers)
+        quantize_weights(self, ("gate_proj", "up_proj", "down_proj"), execution)
         self.hidden_act = spec.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -2,7 +2,8 @@
 
 PEFT's init: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with a = sqrt(5)), B = 0, so a new adapter leaves
 the model unchanged; scale = alpha / r, or alpha / sqrt(r) with rsLoRA. Targets are regexes over Hugging Face
-tensor names (as `freeze.*`); a parameter whose layers match only in part carries adapters in every layer
+tensor names (as `freeze.*`, so laser_snr.py's layer patterns serve: they also match norms, which are
+skipped); a parameter whose layers match only in part carries adapters in every layer
 of its stack, trained only in the matching ones (the others keep B = 0, so they add nothing and export
 nothing). Adapters live beside their weight: `q_proj` gets `q_proj_lora_a` / `q_proj_lora_b`, sharded along
 the weight's input / output axes, unsharded along the rank.
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from maxdpo.config import ConfigError, LoraConfig
+from maxdpo.models import nf4
 from maxdpo.models.family import Family, ParamEntry
 from maxdpo.models.spec import Architecture, LoraSpec
 
@@ -56,7 +58,7 @@ def plan(spec: Architecture, family: Family, cfg: LoraConfig) -> tuple[Optional[
     for entry in family.param_entries(spec):
         tensors = entry.tensors(spec)
         hits = [[p.pattern for p in patterns if p.search(name)] for _, name in tensors]
-        if not any(hits):
+        if not any(hits) or entry.linear_in_ndim is None:  # norms and embeddings: no adapters, no complaint
             continue
         if entry.path not in ADAPTABLE or entry.indexed_axes != ("layer",):
             raise ConfigError(f"config key 'lora.targets' matches {tensors[0][1]}, which cannot carry an adapter "
@@ -96,6 +98,31 @@ def split_adapters(tree: dict) -> tuple[dict, dict]:
 def merge_trees(*trees: dict) -> dict:
     """Nested dicts with disjoint leaves -> one."""
     return traverse_util.unflatten_dict({k: v for tree in trees for k, v in traverse_util.flatten_dict(tree).items()})
+
+
+def quantize_base(params: dict) -> dict:
+    """An HF-loaded tree as the model stores it with `quantize: nf4`: each adaptable weight [layers, ...] replaced
+    by `<name>_nf4` / `<name>_absmax` per layer (`maxdpo.models.nf4`); jit it with the quantised shardings."""
+    flat = traverse_util.flatten_dict(params)
+    for path in ADAPTABLE & set(flat):
+        codes, absmax = jax.vmap(nf4.quantize)(flat.pop(path))
+        *parent, name = path
+        flat[(*parent, f"{name}_nf4")], flat[(*parent, f"{name}_absmax")] = codes, absmax
+    return traverse_util.unflatten_dict(flat)
+
+
+def dequantize_base(params: dict, shapes: dict) -> dict:
+    """Host params with every NF4 weight restored (fp32) from its codes; `shapes`: the unquantised model's tree
+    of ShapeDtypeStructs (`abstract_model(spec)[1]`)."""
+    flat, stored = traverse_util.flatten_dict(params), traverse_util.flatten_dict(shapes)
+    for path in ADAPTABLE & set(stored):
+        *parent, name = path
+        codes, absmax = (flat.pop((*parent, f"{name}_{part}"), None) for part in ("nf4", "absmax"))
+        if codes is not None:
+            layer_shape = stored[path].shape[1:]
+            flat[path] = np.stack([np.asarray(nf4.dequantize(c, a, layer_shape, jnp.float32))
+                                   for c, a in zip(codes, absmax)])
+    return traverse_util.unflatten_dict(flat)
 
 
 def adapters_off(params: dict) -> dict:

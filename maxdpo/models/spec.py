@@ -132,3 +132,4 @@ class Execution:
     scan_layers: bool = True
     logits_chunk: int = 512  # positions per vocabulary projection in the loss (0: all at once)
     lora: Optional[LoraSpec] = None  # adapters on some weights; the rest of the model is frozen
+    quantize: Optional[str] = None  # "nf4": the layers' projection weights stored 4-bit (QLoRA; frozen)
