@@ -205,7 +205,8 @@ def build_train_program(cfg: Config, mesh: Mesh, total_steps: int,
                                          split, base_reference),
                          in_shardings=(state_shardings, ref_shardings, rows),
                          out_shardings=(state_shardings, scalar), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef, settings, base_reference), in_shardings=(param_shardings, ref_shardings, rows))
+    eval_step = jax.jit(make_eval_step(graphdef, settings, base_reference),
+                        in_shardings=(param_shardings, ref_shardings, rows))
     reference_logps = jax.jit(make_reference_logps(graphdef), in_shardings=(param_shardings, rows),
                               out_shardings=scalar)
     return TrainProgram(cfg, mesh, spec, execution, graphdef, split, settings, optimizer, schedule,

@@ -1,6 +1,6 @@
 """A run's export (`save_model`), and LoRA runs on disk the way Hugging Face tools read them: the merged model
-(base + scale * A B, a plain HF folder) and a PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`) that
-`peft.PeftModel.from_pretrained(base, folder)` loads onto the base model.
+(base + scale * A B, a plain HF folder) and a PEFT adapter folder (`adapter_config.json` +
+`adapter_model.safetensors`) that `peft.PeftModel.from_pretrained(base, folder)` loads onto the base model.
 
 The adapter folder holds only the adapted layers (`target_modules` is a regex of their exact module names, so
 laser-style per-layer targets round-trip); tensor names are PEFT's `base_model.model.<module>.lora_A.weight`

@@ -37,7 +37,8 @@ def reference_identity(cfg: Config) -> list:
     source = cfg.reference.path or cfg.model.path
     weights = _folder_identity(source) if source else ["random init", cfg.run.seed, cfg.model.family,
                                                         cfg.model.overrides]
-    return [weights, cfg.model.dtype, cfg.model.param_dtype]
+    quantized = [cfg.lora.quantize] if cfg.lora.quantize else []  # a QLoRA reference is the NF4 base
+    return [weights, cfg.model.dtype, cfg.model.param_dtype, *quantized]
 
 
 def cache_path(run_dir: Path, split: str, data_fingerprint: str, cfg: Config) -> Path:

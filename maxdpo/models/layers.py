@@ -93,8 +93,8 @@ def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
 
 
 def project(module: nnx.Module, name: str, x: jax.Array, contract: int = 1) -> jax.Array:
-    """x times the module's weight `name` in x's dtype (`token_matmul`), plus scale * (x A) B where the weight
-    carries LoRA adapters."""
+    """x times the module's weight `name` in x's dtype (`token_matmul`; dequantised when stored NF4), plus
+    scale * (x A) B where the weight carries LoRA adapters."""
     dtype = x.dtype
     y = token_matmul(x, weight(module, name, dtype), contract)
     if module.lora is None or not hasattr(module, f"{name}_lora_a"):

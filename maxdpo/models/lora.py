@@ -53,7 +53,8 @@ def plan(spec: Architecture, family: Family, cfg: LoraConfig) -> tuple[Optional[
         try:
             patterns.append(re.compile(pattern))
         except re.error as err:
-            raise ConfigError(f"config key 'lora.targets': {pattern!r} is not a valid regular expression ({err})") from err
+            raise ConfigError(f"config key 'lora.targets': {pattern!r} is not a valid regular expression "
+                              f"({err})") from err
     used, layers = set(), {}
     for entry in family.param_entries(spec):
         tensors = entry.tensors(spec)
