@@ -261,10 +261,11 @@ def test_nf4_codes_scales_and_round_trip_equal_bitsandbytes(shape):
                                   bnb.dequantize_4bit(flat, flat_state).numpy().reshape(shape))
 
 
-def test_qlora_stores_bitsandbytes_codes_and_computes_with_the_dequantised_base(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_qlora_stores_bitsandbytes_codes_and_computes_with_the_dequantised_base(tmp_path, family):
     """A QLoRA program loads the HF base into NF4 (each layer's weight, in maxdpo's layout, coded as
-    bitsandbytes codes it), its forward equals the LoRA forward on the dequantised base, and training moves
-    only the adapters (the codes stay)."""
+    bitsandbytes codes it; Mixtral's experts too), its forward equals the LoRA forward on the dequantised base,
+    and training moves only the adapters (the codes stay)."""
     import bitsandbytes.functional as bnb
 
     from maxdpo.configure import load_config
@@ -273,9 +274,9 @@ def test_qlora_stores_bitsandbytes_codes_and_computes_with_the_dequantised_base(
     from maxdpo.sharding import make_mesh
     from maxdpo.weights import initial_params
     from tools.bench import synthetic_batch
-    tiny_llama(tmp_path / "base")
-    cfg = load_config(None, [f"model.path={tmp_path / 'base'}", "model.overrides=null", "tokenizer.path=null",
-                             "lora.rank=4", "lora.targets=[proj]", "lora.quantize=nf4",
+    tiny_hf(tmp_path / "base", family)
+    cfg = load_config(None, [f"model.path={tmp_path / 'base'}", f"model.family={family}", "model.overrides=null",
+                             "tokenizer.path=null", "lora.rank=4", r"lora.targets=[self_attn]", "lora.quantize=nf4",
                              "optimizer.learning_rate=1e-2", "optimizer.schedule=constant"])
     program = build_train_program(cfg, make_mesh(cfg.mesh), 10)
     with program.mesh_context():

@@ -25,8 +25,9 @@ from maxdpo.models.family import Family, ParamEntry
 from maxdpo.models.spec import Architecture, LoraSpec
 
 SUFFIXES = ("_lora_a", "_lora_b")
-# The linear weights adapters can sit on: dense attention and MLP projections (PEFT's usual targets).
-ADAPTABLE = {("layers", "attn", name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")} | {
+# The projections of the layers: adapters sit on them (dense ones only: PEFT's usual targets) and `quantize:
+# nf4` stores them (Mixtral's experts included).
+PROJECTIONS = {("layers", "attn", name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")} | {
     ("layers", "mlp", name) for name in ("gate_proj", "up_proj", "down_proj")}
 
 
@@ -61,7 +62,7 @@ def plan(spec: Architecture, family: Family, cfg: LoraConfig) -> tuple[Optional[
         hits = [[p.pattern for p in patterns if p.search(name)] for _, name in tensors]
         if not any(hits) or entry.linear_in_ndim is None:  # norms and embeddings: no adapters, no complaint
             continue
-        if entry.path not in ADAPTABLE or entry.indexed_axes != ("layer",):
+        if entry.path not in PROJECTIONS or entry.indexed_axes != ("layer",):
             raise ConfigError(f"config key 'lora.targets' matches {tensors[0][1]}, which cannot carry an adapter "
                               "here (supported: the attention and dense MLP projections)")
         used.update(pattern for names in hits for pattern in names)
@@ -105,7 +106,7 @@ def quantize_base(params: dict) -> dict:
     """An HF-loaded tree as the model stores it with `quantize: nf4`: each adaptable weight [layers, ...] replaced
     by `<name>_nf4` / `<name>_absmax` per layer (`maxdpo.models.nf4`); jit it with the quantised shardings."""
     flat = traverse_util.flatten_dict(params)
-    for path in ADAPTABLE & set(flat):
+    for path in PROJECTIONS & set(flat):
         codes, absmax = jax.vmap(nf4.quantize)(flat.pop(path))
         *parent, name = path
         flat[(*parent, f"{name}_nf4")], flat[(*parent, f"{name}_absmax")] = codes, absmax
@@ -116,7 +117,7 @@ def dequantize_base(params: dict, shapes: dict) -> dict:
     """Host params with every NF4 weight restored (fp32) from its codes; `shapes`: the unquantised model's tree
     of ShapeDtypeStructs (`abstract_model(spec)[1]`)."""
     flat, stored = traverse_util.flatten_dict(params), traverse_util.flatten_dict(shapes)
-    for path in ADAPTABLE & set(stored):
+    for path in PROJECTIONS & set(stored):
         *parent, name = path
         codes, absmax = (flat.pop((*parent, f"{name}_{part}"), None) for part in ("nf4", "absmax"))
         if codes is not None:

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from maxdpo.kernels import moe_routing, partitioning
 from maxdpo.kernels.grouped_matmul import default_tile, grouped_matmul
-from maxdpo.models.layers import ACTIVATIONS, make_param
+from maxdpo.models.layers import ACTIVATIONS, make_param, quantize_weights, weight
 from maxdpo.models.spec import Architecture, Execution
 
 
@@ -116,6 +116,7 @@ class MoE(nnx.Module):
         self.gate_proj = make_param(shape=(e, d, f), axes=("experts", "embed", "mlp"), **init)
         self.up_proj = make_param(shape=(e, d, f), axes=("experts", "embed", "mlp"), **init)
         self.down_proj = make_param(shape=(e, f, d), axes=("experts", "mlp", "embed"), **init)
+        quantize_weights(self, ("gate_proj", "up_proj", "down_proj"), execution)
         self.top_k = spec.num_experts_per_tok
         self.hidden_act = spec.hidden_act
         self.impl = execution.moe_impl
@@ -130,7 +131,7 @@ class MoE(nnx.Module):
         router_logits = flat @ self.router[...].astype(dtype)  # [N, E]
         probs, experts, weights = route(router_logits, self.top_k)
         out = EXPERT_IMPLEMENTATIONS[self.impl](
-            flat, experts, weights, self.gate_proj[...].astype(dtype), self.up_proj[...].astype(dtype),
-            self.down_proj[...].astype(dtype), ACTIVATIONS[self.hidden_act])
+            flat, experts, weights, *(weight(self, name, dtype) for name in ("gate_proj", "up_proj", "down_proj")),
+            ACTIVATIONS[self.hidden_act])
         statistics = balance_statistics(probs, experts, token_mask.reshape(-1).astype(jnp.float32))
         return out.astype(dtype).reshape(batch, seq, hidden), statistics
