@@ -153,6 +153,12 @@ def test_a_lora_run_trains_adapters_against_its_own_base_and_exports_both_forms(
     plain.config._attn_implementation = "eager"
     np.testing.assert_allclose(hf_logits(adapted, IDS), hf_logits(plain.eval(), IDS), atol=1e-4, rtol=0)
 
+    # `python -m maxdpo.export` of the last checkpoint writes the same two forms
+    from maxdpo import export
+    assert export.main([str(run), str(tmp_path / "exported")]) == 0
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert (tmp_path / "exported" / name).read_bytes() == (run / "hf" / name).read_bytes(), name
+
     # resume from step 4 reproduces the uninterrupted run
     shutil.rmtree(run / "checkpoints" / "8")
     shutil.rmtree(run / "hf")
@@ -304,3 +310,18 @@ def test_qlora_stores_bitsandbytes_codes_and_computes_with_the_dequantised_base(
         after = jax.tree.map(np.asarray, state["params"])
     assert losses[0] == pytest.approx(np.log(2), abs=1e-6) and losses[-1] < losses[0] - 0.1
     np.testing.assert_array_equal(after["layers"]["attn"]["q_proj_nf4"], host["layers"]["attn"]["q_proj_nf4"])
+
+
+def test_a_precomputed_reference_of_a_lora_run_is_its_base(tmp_path):
+    """reference.precompute with LoRA computes the table with the adapters off: the run logs what the
+    on-device base reference gives."""
+    from maxdpo import train
+    args = ["trainer.max_steps=4", "trainer.batch_size=16", "trainer.log_every=1", "data.eval=null",
+            "optimizer.learning_rate=1e-2", "lora.rank=4", "lora.targets=[proj]"]
+    assert train.main(args + [f"run.output_dir={tmp_path / 'device'}"]) == 0
+    assert train.main(args + ["reference.precompute=true", f"run.output_dir={tmp_path / 'table'}"]) == 0
+    rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("device", "table")]
+    for on_device, precomputed in zip(*rows):
+        for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+            assert precomputed[name] == pytest.approx(on_device[name], rel=1e-5, abs=1e-6), name
