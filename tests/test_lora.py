@@ -47,7 +47,7 @@ def peft_model(base, rank, alpha, rslora, peft_targets):
 
 
 def maxdpo_lora(path, cfg: LoraConfig, adapter_folder):
-    """(model, params) of the HF folder with the PEFT folder's adapters, as maxdpo loads them."""
+    """(spec, family, graphdef, params): the HF folder with the PEFT folder's adapters, as maxdpo loads them."""
     family, spec = spec_from_pretrained(path)
     lora, _ = plan(spec, family, cfg)
     graphdef, abstract, _ = abstract_model(spec, Execution(lora=lora))
@@ -133,12 +133,9 @@ def test_a_lora_run_trains_adapters_against_its_own_base_and_exports_both_forms(
     assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-6) and abs(rows[0]["rewards/margins"]) < 1e-6
 
     # the base is untouched: the merged export minus its adapters' product is the base
-    family, spec = spec_from_pretrained(tmp_path / "base")
-    base = load_params(tmp_path / "base", spec, family)
     cfg = LoraConfig(rank=4, alpha=8.0, targets=[r"self_attn\.(q|v)_proj", r"layers\.[01]\.mlp"])
-    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                         split_adapters(abstract_model(spec, Execution(lora=plan(spec, family, cfg)[0]))[1])[1])
-    trained = read_adapter(run / "hf" / "adapter", spec, family, cfg, merge_trees(base, zeros))
+    spec, family, _, trained = maxdpo_lora(tmp_path / "base", cfg, run / "hf" / "adapter")
+    base = load_params(tmp_path / "base", spec, family)
     merged = merge_adapters(trained, plan(spec, family, cfg)[0])
     exported = load_params(run / "hf", spec, family)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(exported)):
