@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib.resources
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -215,6 +216,17 @@ CHOICES = {
     "export.dtype": (None, "float32", "bfloat16", "float16"),
     "lora.quantize": (None, "nf4"),
 }
+
+
+def compile_patterns(patterns: list[str], key: str) -> list[re.Pattern]:
+    """The regexes of config key `key`; an invalid one is a ConfigError naming it."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            raise ConfigError(f"config key '{key}': {pattern!r} is not a valid regular expression ({err})") from err
+    return compiled
 
 
 def _closest(key: str, valid: list[str]) -> str:

@@ -35,7 +35,7 @@ from maxdpo.sharding import batch_sharding, mesh_context, micro_batch_parallel_s
 def execution_from_config(cfg: Config, spec: Optional[Architecture] = None) -> Execution:
     """How `cfg` runs its model; `spec` (needed with LoRA) says which weights the adapter targets match."""
     model = cfg.model
-    lora = lora_plan(spec, get_family(spec.family), cfg.lora)[0] if cfg.lora.rank else None
+    lora = lora_plan(spec, get_family(spec.family), cfg.lora) if cfg.lora.rank else None
     return Execution(dtype=to_dtype(model.dtype), param_dtype=to_dtype(model.param_dtype), attention=model.attention,
                      moe_impl=model.moe_impl, remat=model.remat, scan_layers=model.scan_layers,
                      logits_chunk=model.logits_chunk, lora=lora, quantize=cfg.lora.quantize)
@@ -183,7 +183,7 @@ def build_train_program(cfg: Config, mesh: Mesh, total_steps: int,
     param_shardings = tree_shardings(abstract_params, axes, rules, mesh)
     params = _abstract(abstract_params, param_shardings)
     family = get_family(spec.family)
-    split = (adapter_split(abstract_params, lora_plan(spec, family, cfg.lora)[1]) if execution.lora
+    split = (adapter_split(abstract_params, execution.lora) if execution.lora
              else trainable_split(spec, family, cfg.freeze))
     optimizer, schedule = make_optimizer(cfg.optimizer, total_steps, execution.param_dtype)
     trainable = split.trainable(params)

@@ -11,7 +11,7 @@ from maxdpo.kernels.attention_reference import attention_reference
 from maxdpo.kernels.flash_attention import flash_attention
 from maxdpo.kernels.partitioning import DEFAULT_RULES, logical_rules
 from maxdpo.configure import load_config
-from maxdpo.models.moe import dense_experts, pallas_experts, route
+from maxdpo.models.moe import ExpertAdapters, dense_experts, pallas_experts, route
 from programs import train_steps
 
 MESH = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 1, 2), ("data", "fsdp", "expert", "tensor"))
@@ -75,15 +75,21 @@ def test_pallas_experts_run_per_shard_as_the_logical_rules_say(name):
     gate, up = (0.3 * jax.random.normal(key, (4, 16, 24)) for key in keys[1:3])
     down = 0.3 * jax.random.normal(keys[3], (4, 24, 16))
     _, experts, weights = route(x @ jax.random.normal(keys[4], (16, 4)), 2)
+    adapter_keys = jax.random.split(keys[5], 4)  # LoRA on the experts, rank 3: gate and up share A
+    adapters = ExpertAdapters(*(0.3 * jax.random.normal(key, shape) for key, shape in zip(
+        adapter_keys, [(4, 16, 3), (4, 3, 2, 24), (4, 24, 3), (4, 3, 16)])))
 
     def loss(fn):
-        return lambda x, gate, up, down: jnp.sum(jnp.sin(fn(x, experts, weights, gate, up, down, jax.nn.silu)))
+        return lambda x, gate, up, down, adapters: jnp.sum(jnp.sin(
+            fn(x, experts, weights, gate, up, down, jax.nn.silu, adapters)))
 
-    want = jax.value_and_grad(loss(dense_experts), argnums=(0, 1, 2, 3))(x, gate, up, down)
+    args = (x, gate, up, down, adapters)
+    want = jax.value_and_grad(loss(dense_experts), argnums=(0, 1, 2, 3, 4))(*args)
     with jax.set_mesh(MESH), logical_rules(rules) if rules else contextlib.nullcontext():
-        got = jax.jit(jax.value_and_grad(loss(pallas_experts), argnums=(0, 1, 2, 3)))(x, gate, up, down)
-        assert _shard_map_in_specs(loss(pallas_experts), x, gate, up, down) == (
-            tokens, tokens, tokens, P(None, None, width), P(None, None, width), P(None, width, None))
+        got = jax.jit(jax.value_and_grad(loss(pallas_experts), argnums=(0, 1, 2, 3, 4)))(*args)
+        assert _shard_map_in_specs(loss(pallas_experts), *args) == (
+            tokens, tokens, tokens, P(None, None, width), P(None, None, width), P(None, width, None),
+            P(), P(None, None, None, width), P(None, width, None), P())
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
 

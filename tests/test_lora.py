@@ -24,9 +24,15 @@ from maxdpo.models.transformer import abstract_model
 from tests.hf_models import hf_logits, tiny_hf, tiny_llama
 
 IDS = np.random.default_rng(0).integers(3, 97, (2, 21))
-# maxdpo searches HF tensor names; PEFT full-matches module names: the same modules either way.
+# maxdpo searches HF tensor names; PEFT full-matches module names (a str), or names parameters (a list: the
+# router and the fused experts of transformers' Mixtral): the same weights either way.
 ATTENTION = (r"self_attn\.(q|v|o)_proj", r".*self_attn\.(q_proj|v_proj|o_proj)")
 SOME_MLP = (r"layers\.[02]\.mlp\.(gate|down)_proj", r".*layers\.[02]\.mlp\.(gate_proj|down_proj)")
+EXPERTS = (r"experts", ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+ROUTER = (r"block_sparse_moe\.gate\.", ["mlp.gate.weight"])
+# gate and up of layer 0's experts, the down projection of every layer's
+SOME_EXPERTS = (r"layers\.0\..*experts\.\d+\.w[13]|experts\.\d+\.w2",
+                ["model.layers.0.mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
 
 
 def randomize_adapters(model, seed=1):
@@ -38,10 +44,16 @@ def randomize_adapters(model, seed=1):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
 
 
+def peft_config(rank, alpha, rslora, peft_targets) -> peft.LoraConfig:
+    modules = "|".join(target for target in peft_targets if isinstance(target, str)) or None
+    parameters = [name for target in peft_targets if isinstance(target, list) for name in target] or None
+    return peft.LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=modules,
+                           target_parameters=parameters, lora_dropout=0.0)
+
+
 def peft_model(base, rank, alpha, rslora, peft_targets):
     """`base` with PEFT LoRA adapters, random A and B."""
-    model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora,
-                                                      target_modules="|".join(peft_targets), lora_dropout=0.0))
+    model = peft.get_peft_model(base, peft_config(rank, alpha, rslora, peft_targets))
     randomize_adapters(model)
     return model.eval()
 
@@ -49,10 +61,10 @@ def peft_model(base, rank, alpha, rslora, peft_targets):
 def maxdpo_lora(path, cfg: LoraConfig, adapter_folder):
     """(spec, family, graphdef, params): the HF folder with the PEFT folder's adapters, as maxdpo loads them."""
     family, spec = spec_from_pretrained(path)
-    lora, _ = plan(spec, family, cfg)
+    lora = plan(spec, family, cfg)
     graphdef, abstract, _ = abstract_model(spec, Execution(lora=lora))
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), split_adapters(abstract)[1])
-    params = read_adapter(adapter_folder, spec, family, cfg, merge_trees(load_params(path, spec, family), zeros))
+    params = read_adapter(adapter_folder, spec, cfg, merge_trees(load_params(path, spec, family), zeros))
     return spec, family, graphdef, params
 
 
@@ -65,7 +77,8 @@ def logits(graphdef, params, ids=IDS):
     ("mistral", [ATTENTION], True),
     ("gemma", [ATTENTION, SOME_MLP], False),
     ("gemma2", [SOME_MLP], False),
-    ("mixtral", [ATTENTION], False),  # its experts and router carry no adapters here (refused, below)
+    ("mixtral", [ATTENTION, EXPERTS, ROUTER], False),
+    ("mixtral", [SOME_EXPERTS], True),  # layer 0's experts carry two adapters (PEFT nests them), layer 1's one
 ])
 def test_lora_forward_adapter_folder_and_merged_export_equal_peft(tmp_path, family, targets, rslora):
     base = tiny_hf(tmp_path / "base", family)
@@ -77,14 +90,14 @@ def test_lora_forward_adapter_folder_and_merged_export_equal_peft(tmp_path, fami
     np.testing.assert_allclose(logits(graphdef, params), expected, atol=1e-4, rtol=0)
 
     # maxdpo's adapter folder loads in PEFT onto a fresh base with the same logits
-    save_adapter(spec, fam, cfg, params, tmp_path / "ours", str(tmp_path / "base"))
+    save_adapter(spec, cfg, params, tmp_path / "ours", str(tmp_path / "base"))
     fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     fresh.config._attn_implementation = "eager"
     loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
     np.testing.assert_allclose(hf_logits(loaded, IDS), expected, atol=1e-4, rtol=0)
 
     # the merged export is a plain HF model with the same logits
-    lora, _ = plan(spec, fam, cfg)
+    lora = plan(spec, fam, cfg)
     save_params(spec, merge_adapters(params, lora), tmp_path / "merged")
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     merged.config._attn_implementation = "eager"
@@ -97,7 +110,7 @@ def test_laser_style_targets_export_only_their_layers(tmp_path):
     reference.save_pretrained(tmp_path / "theirs")
     cfg = LoraConfig(rank=2, alpha=4.0, targets=[SOME_MLP[0]])
     spec, fam, _, params = maxdpo_lora(tmp_path / "base", cfg, tmp_path / "theirs")
-    save_adapter(spec, fam, cfg, params, tmp_path / "ours", "base")
+    save_adapter(spec, cfg, params, tmp_path / "ours", "base")
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     modules = [m for m in ("model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj",
                            "model.layers.2.mlp.down_proj", "model.layers.0.self_attn.q_proj")
@@ -106,7 +119,10 @@ def test_laser_style_targets_export_only_their_layers(tmp_path):
 
 
 @pytest.mark.parametrize("targets,message", [
-    ([r"experts"], "cannot carry an adapter"),
+    ([r"lm_head"], "cannot carry an adapter"),
+    ([r"experts\.0\."], "some experts of layer 0"),
+    ([r"experts\.\d+\.w1"], "w1 \\(gate\\) and w3 \\(up\\) in different layers"),
+    ([r"layers\.0\..*w[13]", r"layers\.1\..*w1"], "in different layers"),
     ([r"q_proj", r"nothing_here"], "match no adaptable weight"),
     ([], "match no adaptable weight"),
 ])
@@ -136,7 +152,7 @@ def test_a_lora_run_trains_adapters_against_its_own_base_and_exports_both_forms(
     cfg = LoraConfig(rank=4, alpha=8.0, targets=[r"self_attn\.(q|v)_proj", r"layers\.[01]\.mlp"])
     spec, family, _, trained = maxdpo_lora(tmp_path / "base", cfg, run / "hf" / "adapter")
     base = load_params(tmp_path / "base", spec, family)
-    merged = merge_adapters(trained, plan(spec, family, cfg)[0])
+    merged = merge_adapters(trained, plan(spec, family, cfg))
     exported = load_params(run / "hf", spec, family)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(exported)):
         np.testing.assert_array_equal(a, b)
@@ -196,10 +212,12 @@ def test_adapters_alone_fit_a_batch_and_the_reference_stays_the_base():
     assert np.abs(after[1]["layers"]["attn"]["q_proj_lora_b"]).max() > 0
 
 
-def test_lora_dpo_metrics_and_gradient_equal_trl_with_a_peft_model(tmp_path):
+@pytest.mark.parametrize("family,targets", [("llama", [ATTENTION, SOME_MLP]),
+                                             ("mixtral", [ATTENTION, EXPERTS, ROUTER])])
+def test_lora_dpo_metrics_and_gradient_equal_trl_with_a_peft_model(tmp_path, family, targets):
     """TRL's DPOTrainer on a PEFT LoRA model (its reference: the same model with the adapters disabled) against
     maxdpo's train step on the same adapters and batch: loss, every logged metric, and the adapters' gradient
-    norm."""
+    norm (Mixtral: adapters on attention, router and experts)."""
     import optax
     import trl
     from datasets import Dataset
@@ -210,10 +228,8 @@ def test_lora_dpo_metrics_and_gradient_equal_trl_with_a_peft_model(tmp_path):
     from maxdpo.dpo.step import LossSettings, make_train_step
     from tests.test_trl_parity import METRICS, ROWS, maxdpo_batch
 
-    base = tiny_llama(tmp_path / "base")
-    targets = [ATTENTION, SOME_MLP]
-    lora = peft.LoraConfig(r=4, lora_alpha=8.0, target_modules="|".join(theirs for _, theirs in targets),
-                           lora_dropout=0.0)
+    base = tiny_llama(tmp_path / "base") if family == "llama" else tiny_hf(tmp_path / "base", family)
+    lora = peft_config(4, 8.0, False, [theirs for _, theirs in targets])
     tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_path("bundled:tiny/tokenizer"))
     args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, per_device_train_batch_size=len(ROWS),
                          report_to=[], use_cpu=True, bf16=False, max_length=32)
@@ -233,8 +249,10 @@ def test_lora_dpo_metrics_and_gradient_equal_trl_with_a_peft_model(tmp_path):
 
     cfg = LoraConfig(rank=4, alpha=8.0, targets=[ours for ours, _ in targets])
     spec, family, graphdef, params = maxdpo_lora(tmp_path / "base", cfg, tmp_path / "theirs")
-    split = adapter_split(params, plan(spec, family, cfg)[1])
-    step = jax.jit(make_train_step(graphdef, LossSettings("sigmoid", LossHyper(0.3, 0.0)), optax.sgd(1e-3),
+    split = adapter_split(params, plan(spec, family, cfg))
+    # TRL adds a MoE model's router load-balancing loss with the architecture's coefficient
+    settings = LossSettings("sigmoid", LossHyper(0.3, 0.0), 0.0, spec.router_aux_loss_coef)
+    step = jax.jit(make_train_step(graphdef, settings, optax.sgd(1e-3),
                                    optax.constant_schedule(1e-3), 1, split, base_reference=True))
     state = {"step": np.int32(0), "params": params, "opt_state": optax.sgd(1e-3).init(split.trainable(params))}
     _, metrics = step(state, None, maxdpo_batch({k: v.numpy() for k, v in trl_batch.items()}))

@@ -12,7 +12,7 @@ from jax import export
 
 from maxdpo.kernels import moe_routing
 from maxdpo.kernels.grouped_matmul import grouped_matmul
-from maxdpo.models.moe import dense_experts, pallas_experts, ragged_experts, route
+from maxdpo.models.moe import ExpertAdapters, dense_experts, pallas_experts, ragged_experts, route
 
 NUM_EXPERTS, HIDDEN, MLP = 6, 16, 24
 IMPLEMENTATIONS = {
@@ -56,6 +56,43 @@ def test_sparse_equals_dense(impl, tokens, top_k, favourite):
     np.testing.assert_allclose(sparse_out, dense_out, atol=1e-5, rtol=1e-5)
     for name, sparse, dense in zip(("x", "router", "gate", "up", "down"), sparse_grads, dense_grads):
         np.testing.assert_allclose(sparse, dense, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def _adapters(parts: str, rank: int = 3, seed: int = 1) -> ExpertAdapters:
+    keys = jax.random.split(jax.random.key(seed), 4)
+    shapes = {"gate_up_a": (NUM_EXPERTS, HIDDEN, rank), "gate_up_b": (NUM_EXPERTS, rank, 2, MLP),
+              "down_a": (NUM_EXPERTS, MLP, rank), "down_b": (NUM_EXPERTS, rank, HIDDEN)}
+    return ExpertAdapters(**{name: 0.3 * jax.random.normal(key, shape) for key, (name, shape)
+                             in zip(keys, shapes.items()) if name.startswith(parts) or parts == "both"})
+
+
+@pytest.mark.parametrize("impl", ["dense", *IMPLEMENTATIONS])
+@pytest.mark.parametrize("parts", ["both", "gate_up", "down"])
+def test_expert_adapters_equal_experts_with_the_adapters_merged(impl, parts):
+    """LoRA through each implementation's grouped products (rank r, never forming W + A B) = the dense experts
+    with W + A B merged; so are the gradients of x and of every A and B."""
+    x, router, gate, up, down, target = _inputs(37, 2)
+    _, experts, weights = route(x @ router, 2)
+    expert_fn = {"dense": dense_experts, **IMPLEMENTATIONS}[impl]
+
+    def through_adapters(x, adapters):
+        return jnp.sum(expert_fn(x, experts, weights, gate, up, down, ACTIVATIONS["silu"], adapters) * target)
+
+    def merged(x, adapters):
+        g, u, d = gate, up, down
+        if adapters.gate_up_a is not None:
+            g = g + jnp.einsum("EDR,ERF->EDF", adapters.gate_up_a, adapters.gate_up_b[:, :, 0])
+            u = u + jnp.einsum("EDR,ERF->EDF", adapters.gate_up_a, adapters.gate_up_b[:, :, 1])
+        if adapters.down_a is not None:
+            d = d + jnp.einsum("EFR,ERD->EFD", adapters.down_a, adapters.down_b)
+        return jnp.sum(dense_experts(x, experts, weights, g, u, d, ACTIVATIONS["silu"]) * target)
+
+    adapters = _adapters(parts)
+    got, got_grads = jax.value_and_grad(through_adapters, argnums=(0, 1))(x, adapters)
+    want, want_grads = jax.value_and_grad(merged, argnums=(0, 1))(x, adapters)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
 def test_each_token_uses_only_its_top_k_experts():

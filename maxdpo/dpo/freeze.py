@@ -9,29 +9,18 @@ the whole array, and its frozen slices receive zero updates (no weight decay eit
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Union
 
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from maxdpo.config import ConfigError, FreezeConfig
+from maxdpo.config import ConfigError, FreezeConfig, compile_patterns
 from maxdpo.models.family import Family
-from maxdpo.models.spec import Architecture
+from maxdpo.models.spec import Architecture, LoraSpec
 
 SEPARATOR = "/"
 Mask = Union[bool, np.ndarray]  # True: all trainable, False: frozen, array: per (layer, expert) slice
-
-
-def _compile(patterns: list[str], key: str) -> list[re.Pattern]:
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as err:
-            raise ConfigError(f"config key '{key}': {pattern!r} is not a valid regular expression ({err})") from err
-    return compiled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +65,8 @@ class TrainableSplit:
 
 def trainable_split(spec: Architecture, family: Family, cfg: FreezeConfig) -> TrainableSplit:
     """Masks from the config's patterns; a pattern that matches no tensor of this model is an error."""
-    trainable = _compile(cfg.trainable, "freeze.trainable")
-    frozen = _compile(cfg.frozen, "freeze.frozen")
+    trainable = compile_patterns(cfg.trainable, "freeze.trainable")
+    frozen = compile_patterns(cfg.frozen, "freeze.frozen")
     used: set[str] = set()
 
     def trains(name: str) -> bool:
@@ -105,10 +94,11 @@ def trainable_split(spec: Architecture, family: Family, cfg: FreezeConfig) -> Tr
     return TrainableSplit(masks)
 
 
-def adapter_split(params: dict, trained_layers: dict[str, np.ndarray]) -> TrainableSplit:
+def adapter_split(params: dict, lora: LoraSpec) -> TrainableSplit:
     """LoRA (`maxdpo.models.lora.plan`): every weight of `params` (a tree of the model's parameters, abstract or
-    not) frozen; the adapters of each adapted weight train in the layers its targets match."""
+    not) frozen; each adapter trains in the layers its targets match."""
     masks: dict[str, Mask] = {key: False for key in traverse_util.flatten_dict(params, sep=SEPARATOR)}
-    for weight, layers in trained_layers.items():
-        masks[weight + "_lora_a"] = masks[weight + "_lora_b"] = True if layers.all() else layers
+    for adapter in lora.adapters:
+        layers = lora.layers(adapter)
+        masks[adapter + "_lora_a"] = masks[adapter + "_lora_b"] = True if layers.all() else layers
     return TrainableSplit(masks)

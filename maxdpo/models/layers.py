@@ -62,7 +62,8 @@ def add_adapters(module: nnx.Module, prefix: str, weights: dict[str, int], execu
     module.lora = execution.lora
     for name, contract in weights.items():
         if execution.lora and execution.lora.adapts(f"{prefix}/{name}"):
-            a, b = make_adapters(rngs, getattr(module, name), contract, execution.lora.rank, num_layers is not None)
+            a, b = make_adapters(rngs, getattr(module, name), contract, execution.lora.rank,
+                                 lead=int(num_layers is not None))
             setattr(module, f"{name}_lora_a", a)
             setattr(module, f"{name}_lora_b", b)
 

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any, Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 SLIDING, FULL = "sliding_attention", "full_attention"  # HF `layer_types` values
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
@@ -112,13 +113,22 @@ class Architecture:
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-    """LoRA adapters (`maxdpo.models.lora`): rank, scale and the weights that carry them ('layers/attn/q_proj')."""
+    """LoRA adapters (`maxdpo.models.lora`): rank, scale, and each adapter ('layers/attn/q_proj', or Mixtral's
+    'layers/mlp/experts_gate_up') with the layers where it trains."""
     rank: int
     scale: float
-    weights: tuple[str, ...]
+    trained_layers: tuple[tuple[str, tuple[bool, ...]], ...]
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(path for path, _ in self.trained_layers)
 
     def adapts(self, path: str) -> bool:
-        return path in self.weights
+        return path in self.adapters
+
+    def layers(self, path: str) -> np.ndarray:
+        """[layers] bool: where the adapter at `path` trains (elsewhere its B stays 0)."""
+        return np.array(dict(self.trained_layers)[path])
 
 
 @dataclasses.dataclass(frozen=True)
