@@ -22,6 +22,10 @@ FRAMEWORKS = (("maxdpo", "maxdpo"), ("JAX", "jax"), ("Flax", "flax"), ("Optax", 
               ("Transformers", "transformers"), ("Datasets", "datasets"), ("Tokenizers", "tokenizers"))
 
 
+ADAPTER_NOTE = ("The weights here are the base with the trained LoRA adapters merged in; the adapters alone are "
+                "in `adapter/`, a PEFT folder: `peft.PeftModel.from_pretrained(base_model, \"adapter\")`.")
+
+
 def results_table(rows: list[dict]) -> str:
     """One line per evaluation; Training Loss is the last training loss logged at or before that step. Columns
     a run does not log (an SFT run has no rewards) are left out."""
@@ -73,6 +77,9 @@ def hyperparameters(cfg: Config, mesh: dict[str, int], data_parallel: int) -> li
               f"max_length: {cfg.data.max_length}, max_prompt_length: {cfg.data.max_prompt_length}"]
     if cfg.freeze.trainable or cfg.freeze.frozen:
         lines.append(f"freeze: trainable={cfg.freeze.trainable}, frozen={cfg.freeze.frozen}")
+    if cfg.lora.rank:
+        lines.append(f"lora: rank={cfg.lora.rank}, alpha={cfg.lora.alpha:g}, rslora={cfg.lora.rslora}, "
+                     f"targets={cfg.lora.targets}, quantize={cfg.lora.quantize}")
     return lines
 
 
@@ -80,11 +87,13 @@ def render(cfg: Config, rows: list[dict], mesh: dict[str, int], data_parallel: i
     base = cfg.model.path or f"a randomly initialised {cfg.model.family} model"
     data = cfg.data.train
     front = ["---", "library_name: transformers", *([f"base_model: {cfg.model.path}"] if cfg.model.path else []),
-             "tags:", "- maxdpo", "- dpo", f"- {cfg.dpo.loss}", "datasets:", f"- {data}", "model-index:",
+             "tags:", "- maxdpo", "- dpo", f"- {cfg.dpo.loss}", *(["- lora"] if cfg.lora.rank else []),
+             *(["- qlora"] if cfg.lora.quantize else []), "datasets:", f"- {data}", "model-index:",
              f"- name: {cfg.run.name}", "  results: []", "---"]
     body = [f"# {cfg.run.name}",
             f"This model is a preference-tuned version of {base} on {data} using "
             f"{LOSSES[cfg.dpo.loss].title}, trained with maxdpo (JAX).",
+            *([ADAPTER_NOTE] if cfg.lora.rank else []),
             "## Training procedure", "### Training hyperparameters",
             "The following hyperparameters were used during training:",
             *(f"- {line}" for line in hyperparameters(cfg, mesh, data_parallel)),

@@ -165,6 +165,8 @@ def test_a_lora_run_trains_adapters_against_its_own_base_and_exports_both_forms(
     plain = transformers.AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
     plain.config._attn_implementation = "eager"
     np.testing.assert_allclose(hf_logits(adapted, IDS), hf_logits(plain.eval(), IDS), atol=1e-4, rtol=0)
+    card = (run / "hf" / "README.md").read_text()
+    assert "- lora\n" in card and "- lora: rank=4, alpha=8, rslora=False" in card and "in `adapter/`" in card
 
     # `python -m maxdpo.export` of the last checkpoint writes the same two forms
     from maxdpo import export
