@@ -99,6 +99,7 @@ class DPOConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0
     dpop_lambda: float = 50.0
+    simpo_gamma: float = 0.5  # SimPO's target reward margin γ (TRL's default)
     sft_weight: float = 0.0
     router_aux_coef: float = 0.0
 
@@ -412,7 +413,7 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"config key 'dpo.router_aux_coef' must be >= 0, got {cfg.dpo.router_aux_coef}")
     if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError(f"config key 'dpo.label_smoothing' must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
-    for key in ("dpop_lambda", "sft_weight"):
+    for key in ("dpop_lambda", "simpo_gamma", "sft_weight"):
         if getattr(cfg.dpo, key) < 0:
             raise ConfigError(f"config key 'dpo.{key}' must be >= 0, got {getattr(cfg.dpo, key)}")
     _check_lora(cfg)

@@ -65,7 +65,7 @@ def architecture_from_config(cfg: Config) -> Architecture:
 
 def loss_settings(cfg: Config) -> LossSettings:
     dpo = cfg.dpo
-    return LossSettings(dpo.loss, LossHyper(dpo.beta, dpo.label_smoothing, dpo.dpop_lambda), dpo.sft_weight,
+    return LossSettings(dpo.loss, LossHyper(dpo.beta, dpo.label_smoothing, dpo.dpop_lambda, dpo.simpo_gamma), dpo.sft_weight,
                         dpo.router_aux_coef)
 
 

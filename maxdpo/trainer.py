@@ -86,7 +86,7 @@ def evaluate(program: TrainProgram, params: dict, ref_params: dict | None, batch
     for step in range(len(batches.schedule)):
         sums = program.eval_step(params, ref_params, program.global_batch(batches(step)))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    metrics = finalize_metrics(jax.device_get(totals), sft=not program.settings.uses_reference)
+    metrics = finalize_metrics(jax.device_get(totals), sft=program.settings.sft)
     return {f"eval_{k}": float(v) for k, v in metrics.items()}
 
 

@@ -40,6 +40,23 @@ def test_dpop_is_the_paper_formula():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_simpo_is_the_paper_formula_and_ignores_the_reference():
+    """Meng et al. 2024, eq. 6: −log σ(β/|y_w|·log πθ(y_w|x) − β/|y_l|·log πθ(y_l|x) − γ); CPO (Xu et al. 2024,
+    eq. 3, without its NLL term): −log σ(β·(log πθ(y_w|x) − log πθ(y_l|x)))."""
+    x = _random_logps()
+    beta, gamma = 2.5, 1.4
+    z = beta * x.policy_chosen / x.chosen_tokens - beta * x.policy_rejected / x.rejected_tokens - gamma
+    got = preference_loss("simpo", x, LossHyper(beta, simpo_gamma=gamma))
+    np.testing.assert_allclose(got, np.logaddexp(0.0, -z.astype(np.float64)), rtol=1e-5, atol=1e-6)
+    z = 0.3 * (x.policy_chosen - x.policy_rejected)
+    np.testing.assert_allclose(preference_loss("cpo", x, LossHyper(0.3)), np.logaddexp(0.0, -z.astype(np.float64)),
+                               rtol=1e-5, atol=1e-6)
+    moved = x._replace(ref_chosen=x.ref_chosen - 3.0, ref_rejected=x.ref_rejected + 7.0)
+    for name in ("simpo", "cpo"):
+        np.testing.assert_array_equal(preference_loss(name, moved, LossHyper(0.3)),
+                                      preference_loss(name, x, LossHyper(0.3)))
+
+
 def test_dpop_equals_dpo_while_the_chosen_likelihood_does_not_fall():
     x = _random_logps()
     x = x._replace(policy_chosen=np.maximum(x.policy_chosen, x.ref_chosen))  # c >= 0 everywhere

@@ -143,3 +143,62 @@ def test_mixtral_router_aux_loss_as_trl(tmp_path, tokenizer):
     metrics, _ = maxdpo_step(tmp_path, maxdpo_batch(trl_batch), "sigmoid", 0.3, 0.0, 0.0, aux_coef=0.4)
     for name in METRICS + ("grad_norm", "aux_loss"):
         assert float(metrics[name]) == pytest.approx(expected[name], rel=2e-4, abs=1e-5), name
+
+
+def cpo_trainer_step(policy_hf, tokenizer, tmp, loss_type, beta, smoothing, cpo_alpha, gamma):
+    """TRL's CPOTrainer (reference-free: CPO, SimPO) on its first batch: loss, gradient norm, logged metrics, and
+    the batch as [chosen rows; rejected rows] padded to one length (DPOTrainer's layout, for `maxdpo_batch`)."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    args = CPOConfig(output_dir=str(tmp / "cpo"), loss_type=loss_type, beta=beta, label_smoothing=smoothing,
+                     cpo_alpha=cpo_alpha, simpo_gamma=gamma, per_device_train_batch_size=len(ROWS), report_to=[],
+                     use_cpu=True, bf16=False, max_length=32)
+    trainer = CPOTrainer(model=policy_hf, args=args, train_dataset=Dataset.from_list(ROWS),
+                         processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    trainer.model.zero_grad()
+    value = trainer.compute_loss(trainer.model, batch)
+    value.backward()
+    grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in trainer.model.parameters() if p.grad is not None))
+    metrics = {name: values[-1] for name, values in trainer._stored_metrics["train"].items()}
+    metrics.update(loss=value.item(), grad_norm=grad_norm.item())
+    length = max(batch[f"{side}_input_ids"].shape[1] for side in ("chosen", "rejected"))
+
+    def rows(name, pad):
+        return torch.cat([torch.nn.functional.pad(batch[f"{side}_{name}"], (0, length - batch[f"{side}_{name}"].shape[1]),
+                                                  value=pad) for side in ("chosen", "rejected")]).numpy()
+    labels = rows("labels", -100)
+    return {"input_ids": rows("input_ids", 0), "attention_mask": rows("attention_mask", 0),
+            "completion_mask": (labels != -100).astype(np.int32)}, metrics
+
+
+# (maxdpo loss, TRL CPOTrainer loss_type, beta, label_smoothing, cpo_alpha = maxdpo's sft_weight, simpo_gamma)
+REFERENCE_FREE_CASES = [
+    ("cpo", "sigmoid", 0.1, 0.0, 1.0, 0.5),
+    ("cpo", "sigmoid", 0.5, 0.2, 0.0, 0.5),
+    ("simpo", "simpo", 2.0, 0.0, 0.0, 0.5),
+    ("simpo", "simpo", 2.5, 0.1, 0.3, 1.2),
+]
+
+
+@pytest.mark.parametrize("loss,loss_type,beta,smoothing,cpo_alpha,gamma", REFERENCE_FREE_CASES)
+def test_reference_free_metrics_equal_trl_cpo_trainer(llama_pair, tokenizer, loss, loss_type, beta, smoothing,
+                                                      cpo_alpha, gamma):
+    """CPO and SimPO against TRL's CPOTrainer: loss, rewards/*, logps/* (per-token means for SimPO), nll_loss and
+    the gradient norm, with no reference model. TRL's CPOTrainer logs logits/* as the mean over every position
+    of the padded batch, prompt and padding included (maxdpo: over completion tokens, as DPOTrainer), and
+    nll_loss 0 when cpo_alpha is 0; those are not compared."""
+    policy_hf, _, tmp = llama_pair
+    trl_batch, expected = cpo_trainer_step(policy_hf, tokenizer, tmp, loss_type, beta, smoothing, cpo_alpha, gamma)
+    assert 0 < expected["rewards/accuracies"] < 1
+    graphdef, params = maxdpo_params(tmp / "policy")
+    spec = nnx.merge(graphdef, params).spec
+    settings = LossSettings(loss, LossHyper(beta, smoothing, simpo_gamma=gamma), cpo_alpha)
+    split = trainable_split(spec, get_family(spec.family), FreezeConfig())
+    tx = optax.sgd(1e-3)
+    step = jax.jit(make_train_step(graphdef, settings, tx, optax.constant_schedule(1e-3), 1, split))
+    state = {"step": np.int32(0), "params": params, "opt_state": tx.init(split.trainable(params))}
+    _, metrics = step(state, None, maxdpo_batch(trl_batch))
+    names = METRICS[:7] + (("nll_loss",) if cpo_alpha else ()) + ("grad_norm",)
+    for name in names:
+        assert float(metrics[name]) == pytest.approx(expected[name], rel=2e-4, abs=1e-5), name

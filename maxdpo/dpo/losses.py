@@ -1,7 +1,9 @@
-"""Preference losses as pure functions of per-pair log-probs: TRL's DPO family, plus DPOP (Pal et al. 2024).
+"""Preference losses as pure functions of per-pair log-probs: TRL's DPO family, DPOP (Pal et al. 2024), and the
+reference-free CPO and SimPO (TRL's CPOTrainer).
 
 Every loss maps `PairLogps` (each field [B], fp32) to a per-pair loss [B]; the step takes their mean over
-the batch's pairs. Notation: c = log πθ(y_w|x) − log π_ref(y_w|x), r = the same for y_l, d = c − r.
+the batch's pairs. Notation: c = log πθ(y_w|x) − log π_ref(y_w|x), r = the same for y_l, d = c − r; without a
+reference (its logps are 0) c and r are the policy's own log-probs.
 """
 from __future__ import annotations
 
@@ -35,6 +37,15 @@ class PairLogps(NamedTuple):
         return self.chosen_logratios - self.rejected_logratios
 
     @property
+    def chosen_means(self) -> jax.Array:
+        """log πθ(y_w|x) / |y_w|: the policy's mean log-prob per chosen token."""
+        return self.policy_chosen / jnp.maximum(self.chosen_tokens, 1.0)
+
+    @property
+    def rejected_means(self) -> jax.Array:
+        return self.policy_rejected / jnp.maximum(self.rejected_tokens, 1.0)
+
+    @property
     def per_token_delta(self) -> jax.Array:
         """c/|y_w| − r/|y_l|: the log-ratios averaged over each completion's tokens."""
         return (self.chosen_logratios / jnp.maximum(self.chosen_tokens, 1.0)
@@ -46,6 +57,7 @@ class LossHyper:
     beta: float
     label_smoothing: float = 0.0
     dpop_lambda: float = 50.0
+    simpo_gamma: float = 0.5
 
 
 log_sigmoid = jax.nn.log_sigmoid
@@ -121,17 +133,33 @@ def dpop_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     return -log_sigmoid(h.beta * (x.delta - h.dpop_lambda * jax.nn.relu(-x.chosen_logratios)))
 
 
+def cpo_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """CPO (Xu et al. 2024, eq. 3) without its NLL term (`dpo.sft_weight`, TRL's cpo_alpha): DPO's sigmoid with
+    cDPO smoothing ε on the policy's own log-probs, −(1−ε)·log σ(β(c − r)) − ε·log σ(−β(c − r))."""
+    logits = h.beta * (x.policy_chosen - x.policy_rejected)
+    return -(1 - h.label_smoothing) * log_sigmoid(logits) - h.label_smoothing * log_sigmoid(-logits)
+
+
+def simpo_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """SimPO (Meng et al. 2024, eq. 6): −log σ(β/|y_w|·log πθ(y_w|x) − β/|y_l|·log πθ(y_l|x) − γ), with cDPO
+    smoothing ε as TRL's CPOTrainer applies it."""
+    logits = h.beta * (x.chosen_means - x.rejected_means) - h.simpo_gamma
+    return -(1 - h.label_smoothing) * log_sigmoid(logits) - h.label_smoothing * log_sigmoid(-logits)
+
+
 @dataclasses.dataclass(frozen=True)
 class Loss:
     """What maxdpo knows about one loss: its function, its title (model card), the `dpo.*` hyper-parameters
-    it reads besides beta, those it cannot do without (> 0), whether it needs a reference model, and whether
-    it trains on single completions (no rejected side: SFT data) instead of preference pairs."""
+    it reads besides beta, those it cannot do without (> 0), whether it needs a reference model, whether
+    it trains on single completions (no rejected side: SFT data) instead of preference pairs, and whether its
+    rewards (and logged logps) are per-token means of the policy's log-probs (SimPO) rather than sums."""
     fn: Callable[[PairLogps, LossHyper], jax.Array]
     title: str
     reads: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     needs_reference: bool = True
     completions: bool = False
+    mean_logps: bool = False
     hint: str = ""  # said with a missing required hyper-parameter
 
 
@@ -151,6 +179,9 @@ LOSSES: dict[str, Loss] = {
     "sigmoid_norm": Loss(sigmoid_norm_loss, "length-normalised DPO"),
     "sft": Loss(sft_loss, "supervised fine-tuning", needs_reference=False, completions=True),
     "dpop": Loss(dpop_loss, "DPOP (DPO-Positive)", reads=("dpop_lambda",)),
+    "cpo": Loss(cpo_loss, "CPO (Contrastive Preference Optimization)", reads=SMOOTHING, needs_reference=False),
+    "simpo": Loss(simpo_loss, "SimPO (Simple Preference Optimization)", reads=SMOOTHING + ("simpo_gamma",),
+                  needs_reference=False, mean_logps=True),
 }
 LOSS_NAMES = tuple(LOSSES)
 

@@ -24,9 +24,9 @@ from maxdpo.dpo.losses import LOSSES, LossHyper, PairLogps, preference_loss
 from maxdpo.kernels.attention_blocks import PREFIX_GROUP
 from maxdpo.models.lora import adapters_off
 
-# Sums over pairs; divided by the number of pairs.
+# Sums over pairs; divided by the number of pairs. Reference-free losses add `nll_loss` (TRL's CPOTrainer).
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected")
+                "logps/chosen", "logps/rejected", "nll_loss")
 SFT_METRICS = ("loss", "logps/chosen", "logits/chosen", "aux_loss")
 
 
@@ -39,8 +39,14 @@ class LossSettings:
 
     @property
     def uses_reference(self) -> bool:
-        """False for reference-free losses (SFT): no reference weights, forward pass or precomputed logps."""
+        """False for reference-free losses (SFT, CPO, SimPO): no reference weights, forward pass or precomputed
+        logps."""
         return LOSSES[self.loss].needs_reference
+
+    @property
+    def sft(self) -> bool:
+        """Trains on single completions (no rejected side, no rewards to log)."""
+        return LOSSES[self.loss].completions
 
 
 def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch) -> dict[str, jax.Array]:
@@ -94,12 +100,16 @@ def sft_scale(batch: Batch) -> jax.Array:
 
 def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair_mask: jax.Array,
                      scale: jax.Array) -> tuple[jax.Array, dict]:
-    """(summed loss, metric sums) over the pairs with pair_mask 1; rewards = beta * (policy - reference logps)."""
+    """(summed loss, metric sums) over the pairs with pair_mask 1; rewards = beta * (policy - reference logps),
+    or beta * the policy's mean logps per token for losses on means (SimPO), which also log those as logps/*."""
     logps = PairLogps(policy["logps"][:, 0], policy["logps"][:, 1], reference["logps"][:, 0],
                       reference["logps"][:, 1], policy["counts"][:, 0], policy["counts"][:, 1], scale)
     losses = preference_loss(settings.loss, logps, settings.hyper, settings.sft_weight)  # [B]
     if "aux_loss" in policy:
         losses = losses + settings.router_aux_coef * policy["aux_loss"]
+    loss = LOSSES[settings.loss]
+    if loss.mean_logps:
+        logps = logps._replace(policy_chosen=logps.chosen_means, policy_rejected=logps.rejected_means)
     chosen_rewards = settings.hyper.beta * logps.chosen_logratios
     rejected_rewards = settings.hyper.beta * logps.rejected_logratios
     per_pair = {
@@ -118,6 +128,8 @@ def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair
     }
     if "aux_loss" in policy:
         per_pair["aux_loss"] = jnp.broadcast_to(policy["aux_loss"], losses.shape)
+    if not (loss.needs_reference or loss.completions):  # mean NLL per chosen token, summed over pairs
+        per_pair["nll_loss"] = -policy["logps"][:, 0] * scale
     pair_mask = pair_mask.reshape(-1)  # [B, K] -> [B*K]
     sums = {name: jnp.sum(value * pair_mask) for name, value in per_pair.items()}
     return sums["loss"], sums
@@ -178,7 +190,7 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
         grads = split.zero_frozen_slices(jax.tree.map(lambda g: g / sums["pairs"], grad_sums))
         updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
         trainable = low_precision.apply_updates(trainable, split.zero_frozen_slices(updates), state["step"])
-        metrics = finalize_metrics(sums, sft=not settings.uses_reference)
+        metrics = finalize_metrics(sums, sft=settings.sft)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state["step"])
         new_state = {"step": state["step"] + 1, "params": split.merge(trainable, frozen), "opt_state": opt_state}
