@@ -66,15 +66,22 @@ def trl_step(policy_hf, ref_hf, tokenizer, tmp, loss, beta, smoothing, sft_weigh
                          router_aux_loss_coef=aux_coef)  # bf16 autocast off: compare in fp32
     trainer = trl.DPOTrainer(model=policy_hf, ref_model=ref_hf, args=args, train_dataset=Dataset.from_list(ROWS),
                              processing_class=tokenizer)
+    batch, metrics = first_step(trainer, trainer._metrics)
+    return {name: value.numpy() for name, value in batch.items()}, metrics
+
+
+def first_step(trainer, logged: dict) -> tuple[dict, dict]:
+    """(the trainer's first training batch, its logged metrics (`logged["train"]`: lists of values) with the loss
+    of its compute_loss and the gradient norm of its backward)."""
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
     trainer.model.zero_grad()
     value = trainer.compute_loss(trainer.model, batch)
     value.backward()
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in trainer.model.parameters() if p.grad is not None))
-    metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    metrics = {name: values[-1] for name, values in logged["train"].items()}
     metrics.update(loss=value.item(), grad_norm=grad_norm.item())
-    return {name: value.numpy() for name, value in batch.items()}, metrics
+    return batch, metrics
 
 
 def maxdpo_batch(trl_batch):
@@ -154,14 +161,7 @@ def cpo_trainer_step(policy_hf, tokenizer, tmp, loss_type, beta, smoothing, cpo_
                      use_cpu=True, bf16=False, max_length=32)
     trainer = CPOTrainer(model=policy_hf, args=args, train_dataset=Dataset.from_list(ROWS),
                          processing_class=tokenizer)
-    batch = next(iter(trainer.get_train_dataloader()))
-    trainer.model.train()
-    trainer.model.zero_grad()
-    value = trainer.compute_loss(trainer.model, batch)
-    value.backward()
-    grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in trainer.model.parameters() if p.grad is not None))
-    metrics = {name: values[-1] for name, values in trainer._stored_metrics["train"].items()}
-    metrics.update(loss=value.item(), grad_norm=grad_norm.item())
+    batch, metrics = first_step(trainer, trainer._stored_metrics)
     length = max(batch[f"{side}_input_ids"].shape[1] for side in ("chosen", "rejected"))
 
     def rows(name, pad):
