@@ -41,6 +41,9 @@ def _check_loss(cfg: Config) -> None:
     for key in loss.requires:
         if not getattr(dpo, key):
             raise ConfigError(f"dpo.loss '{name}' needs dpo.{key} > 0" + (f" ({loss.hint})" if loss.hint else ""))
+    if loss.sequence_nll and cfg.data.prefix_sharing:
+        raise ConfigError(f"dpo.loss '{name}' takes the NLL of each chosen sequence with its prompt, which "
+                          "data.prefix_sharing does not keep per sequence; unset data.prefix_sharing")
     if not loss.needs_reference and (cfg.reference.path or cfg.reference.precompute):
         raise ConfigError(f"dpo.loss '{name}' trains without a reference model; unset reference.path and "
                           "reference.precompute")

@@ -57,6 +57,22 @@ def test_simpo_is_the_paper_formula_and_ignores_the_reference():
                                       preference_loss(name, x, LossHyper(0.3)))
 
 
+def test_orpo_is_the_paper_formula_and_finite_on_empty_slots():
+    """Hong et al. 2024, eq. 4-7: NLL − λ·log σ(log(odds(y_w) / odds(y_l))), odds(y) = P / (1 − P), P the mean
+    probability per token; an empty (padding) pair slot gives finite values and gradients."""
+    x = _random_logps()._replace(chosen_sequence_nll=np.float32(0.7))
+    lam = 0.25
+    p_w = np.exp(x.policy_chosen.astype(np.float64) / x.chosen_tokens)
+    p_l = np.exp(x.policy_rejected.astype(np.float64) / x.rejected_tokens)
+    log_odds_ratio = np.log(p_w / (1 - p_w)) - np.log(p_l / (1 - p_l))
+    expected = 0.7 + lam * np.logaddexp(0.0, -log_odds_ratio)
+    np.testing.assert_allclose(preference_loss("orpo", x, LossHyper(lam)), expected, rtol=1e-5, atol=1e-6)
+    empty = _logps([0.0], [0.0], [0.0], [0.0], [0.0], [0.0])
+    value, grad = jax.value_and_grad(lambda c: preference_loss("orpo", empty._replace(policy_chosen=c),
+                                                               LossHyper(lam)).sum())(jnp.zeros(1))
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+
+
 def test_dpop_equals_dpo_while_the_chosen_likelihood_does_not_fall():
     x = _random_logps()
     x = x._replace(policy_chosen=np.maximum(x.policy_chosen, x.ref_chosen))  # c >= 0 everywhere

@@ -152,15 +152,22 @@ def test_mixtral_router_aux_loss_as_trl(tmp_path, tokenizer):
         assert float(metrics[name]) == pytest.approx(expected[name], rel=2e-4, abs=1e-5), name
 
 
-def cpo_trainer_step(policy_hf, tokenizer, tmp, loss_type, beta, smoothing, cpo_alpha, gamma):
-    """TRL's CPOTrainer (reference-free: CPO, SimPO) on its first batch: loss, gradient norm, logged metrics, and
-    the batch as [chosen rows; rejected rows] padded to one length (DPOTrainer's layout, for `maxdpo_batch`)."""
+def reference_free_trainer_step(policy_hf, tokenizer, tmp, loss_type, beta, smoothing, cpo_alpha, gamma):
+    """TRL's CPOTrainer (CPO, SimPO) or ORPOTrainer (`loss_type` "orpo") on its first batch: loss, gradient norm,
+    logged metrics, and the batch as [chosen rows; rejected rows] padded to one length (DPOTrainer's layout,
+    for `maxdpo_batch`)."""
     from trl.experimental.cpo import CPOConfig, CPOTrainer
-    args = CPOConfig(output_dir=str(tmp / "cpo"), loss_type=loss_type, beta=beta, label_smoothing=smoothing,
-                     cpo_alpha=cpo_alpha, simpo_gamma=gamma, per_device_train_batch_size=len(ROWS), report_to=[],
-                     use_cpu=True, bf16=False, max_length=32)
-    trainer = CPOTrainer(model=policy_hf, args=args, train_dataset=Dataset.from_list(ROWS),
-                         processing_class=tokenizer)
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    common = dict(beta=beta, per_device_train_batch_size=len(ROWS), report_to=[], use_cpu=True, bf16=False,
+                  max_length=32)
+    if loss_type == "orpo":
+        trainer = ORPOTrainer(model=policy_hf, args=ORPOConfig(output_dir=str(tmp / "orpo"), **common),
+                              train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer)
+    else:
+        args = CPOConfig(output_dir=str(tmp / "cpo"), loss_type=loss_type, label_smoothing=smoothing,
+                         cpo_alpha=cpo_alpha, simpo_gamma=gamma, **common)
+        trainer = CPOTrainer(model=policy_hf, args=args, train_dataset=Dataset.from_list(ROWS),
+                             processing_class=tokenizer)
     batch, metrics = first_step(trainer, trainer._stored_metrics)
     length = max(batch[f"{side}_input_ids"].shape[1] for side in ("chosen", "rejected"))
 
@@ -172,24 +179,29 @@ def cpo_trainer_step(policy_hf, tokenizer, tmp, loss_type, beta, smoothing, cpo_
             "completion_mask": (labels != -100).astype(np.int32)}, metrics
 
 
-# (maxdpo loss, TRL CPOTrainer loss_type, beta, label_smoothing, cpo_alpha = maxdpo's sft_weight, simpo_gamma)
+# (maxdpo loss, TRL CPOTrainer loss_type or "orpo", beta, label_smoothing, cpo_alpha = maxdpo's sft_weight,
+# simpo_gamma)
 REFERENCE_FREE_CASES = [
     ("cpo", "sigmoid", 0.1, 0.0, 1.0, 0.5),
     ("cpo", "sigmoid", 0.5, 0.2, 0.0, 0.5),
     ("simpo", "simpo", 2.0, 0.0, 0.0, 0.5),
     ("simpo", "simpo", 2.5, 0.1, 0.3, 1.2),
+    ("orpo", "orpo", 0.1, 0.0, 0.0, 0.0),
+    ("orpo", "orpo", 1.5, 0.0, 0.0, 0.0),
 ]
 
 
 @pytest.mark.parametrize("loss,loss_type,beta,smoothing,cpo_alpha,gamma", REFERENCE_FREE_CASES)
 def test_reference_free_metrics_equal_trl_cpo_trainer(llama_pair, tokenizer, loss, loss_type, beta, smoothing,
                                                       cpo_alpha, gamma):
-    """CPO and SimPO against TRL's CPOTrainer: loss, rewards/*, logps/* (per-token means for SimPO), nll_loss and
-    the gradient norm, with no reference model. TRL's CPOTrainer logs logits/* as the mean over every position
-    of the padded batch, prompt and padding included (maxdpo: over completion tokens, as DPOTrainer), and
-    nll_loss 0 when cpo_alpha is 0; those are not compared."""
+    """CPO and SimPO against TRL's CPOTrainer, ORPO against its ORPOTrainer: loss, rewards/*, logps/* (per-token
+    means for SimPO and ORPO), nll_loss, ORPO's log odds and the gradient norm, with no reference model. TRL's
+    two trainers log logits/* as the mean over every position of the padded batch, prompt and padding included
+    (maxdpo: over completion tokens, as DPOTrainer), and CPOTrainer logs nll_loss 0 when cpo_alpha is 0; those
+    are not compared."""
     policy_hf, _, tmp = llama_pair
-    trl_batch, expected = cpo_trainer_step(policy_hf, tokenizer, tmp, loss_type, beta, smoothing, cpo_alpha, gamma)
+    trl_batch, expected = reference_free_trainer_step(policy_hf, tokenizer, tmp, loss_type, beta, smoothing,
+                                                      cpo_alpha, gamma)
     assert 0 < expected["rewards/accuracies"] < 1
     graphdef, params = maxdpo_params(tmp / "policy")
     spec = nnx.merge(graphdef, params).spec
@@ -199,6 +211,7 @@ def test_reference_free_metrics_equal_trl_cpo_trainer(llama_pair, tokenizer, los
     step = jax.jit(make_train_step(graphdef, settings, tx, optax.constant_schedule(1e-3), 1, split))
     state = {"step": np.int32(0), "params": params, "opt_state": tx.init(split.trainable(params))}
     _, metrics = step(state, None, maxdpo_batch(trl_batch))
-    names = METRICS[:7] + (("nll_loss",) if cpo_alpha else ()) + ("grad_norm",)
+    names = METRICS[:7] + (("nll_loss",) if cpo_alpha or loss == "orpo" else ()) + ("grad_norm",)
+    names += ("log_odds_ratio", "log_odds_chosen") if loss == "orpo" else ()
     for name in names:
         assert float(metrics[name]) == pytest.approx(expected[name], rel=2e-4, abs=1e-5), name

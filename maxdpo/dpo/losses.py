@@ -1,5 +1,5 @@
 """Preference losses as pure functions of per-pair log-probs: TRL's DPO family, DPOP (Pal et al. 2024), and the
-reference-free CPO and SimPO (TRL's CPOTrainer).
+reference-free CPO and SimPO (TRL's CPOTrainer) and ORPO (its ORPOTrainer).
 
 Every loss maps `PairLogps` (each field [B], fp32) to a per-pair loss [B]; the step takes their mean over
 the batch's pairs. Notation: c = log πθ(y_w|x) − log π_ref(y_w|x), r = the same for y_l, d = c − r; without a
@@ -8,7 +8,7 @@ reference (its logps are 0) c and r are the policy's own log-probs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,8 @@ class PairLogps(NamedTuple):
     rejected_tokens: jax.Array
     sft_scale: jax.Array  # [] pairs / chosen completion tokens of the whole batch: turns a mean over pairs
     # of summed NLLs into TRL's mean over the batch's chosen tokens
+    chosen_sequence_nll: jax.Array = 0.0  # [B] ORPO: the chosen sequence's NLL, prompt included, x pairs / the
+    # whole batch's chosen sequence tokens (so its mean over pairs is the NLL per token, as TRL's ORPOTrainer)
 
     @property
     def chosen_logratios(self) -> jax.Array:
@@ -140,6 +142,26 @@ def cpo_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     return -(1 - h.label_smoothing) * log_sigmoid(logits) - h.label_smoothing * log_sigmoid(-logits)
 
 
+def log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 − exp(x)) for x < 0, by the branch that keeps its precision on each side of −log 2."""
+    return jnp.where(x < -jnp.log(2.0), jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
+
+
+def orpo_log_odds(x: PairLogps) -> jax.Array:
+    """log odds(y_w|x) − log odds(y_l|x), odds(y|x) = P(y|x) / (1 − P(y|x)) with P the mean probability per
+    token, exp(log πθ(y|x)/|y|) (Hong et al. 2024, eq. 4-5). An empty pair slot (padding; no tokens, mean 0,
+    odds infinite) gets a finite stand-in so that neither it nor its gradient is NaN before the pair mask."""
+    chosen, rejected = (jnp.where(tokens > 0, means, -1.0) for tokens, means in (
+        (x.chosen_tokens, x.chosen_means), (x.rejected_tokens, x.rejected_means)))
+    return (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+
+
+def orpo_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """ORPO (Hong et al. 2024, eq. 6-7), no reference: NLL of the chosen sequence − λ·log σ(log odds ratio), with
+    λ = β and the NLL over the whole chosen sequence, prompt included, as TRL's ORPOTrainer computes it."""
+    return x.chosen_sequence_nll - h.beta * log_sigmoid(orpo_log_odds(x))
+
+
 def simpo_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     """SimPO (Meng et al. 2024, eq. 6): −log σ(β/|y_w|·log πθ(y_w|x) − β/|y_l|·log πθ(y_l|x) − γ), with cDPO
     smoothing ε as TRL's CPOTrainer applies it."""
@@ -147,12 +169,24 @@ def simpo_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     return -(1 - h.label_smoothing) * log_sigmoid(logits) - h.label_smoothing * log_sigmoid(-logits)
 
 
+def nll_metric(x: PairLogps, h: LossHyper) -> dict[str, jax.Array]:
+    """CPO / SimPO log the mean NLL per chosen completion token (TRL's CPOTrainer `nll_loss`)."""
+    return {"nll_loss": sft_loss(x, h)}
+
+
+def orpo_metrics(x: PairLogps, h: LossHyper) -> dict[str, jax.Array]:
+    """TRL's ORPOTrainer: the chosen sequences' NLL, log σ(log odds ratio) and the log odds ratio."""
+    log_odds = orpo_log_odds(x)
+    return {"nll_loss": x.chosen_sequence_nll, "log_odds_ratio": log_sigmoid(log_odds), "log_odds_chosen": log_odds}
+
+
 @dataclasses.dataclass(frozen=True)
 class Loss:
     """What maxdpo knows about one loss: its function, its title (model card), the `dpo.*` hyper-parameters
     it reads besides beta, those it cannot do without (> 0), whether it needs a reference model, whether
-    it trains on single completions (no rejected side: SFT data) instead of preference pairs, and whether its
-    rewards (and logged logps) are per-token means of the policy's log-probs (SimPO) rather than sums."""
+    it trains on single completions (no rejected side: SFT data) instead of preference pairs, whether its
+    rewards (and logged logps) are per-token means of the policy's log-probs (SimPO, ORPO) rather than sums,
+    whether it needs the chosen sequences' NLL with the prompt (ORPO), and the per-pair metrics it adds."""
     fn: Callable[[PairLogps, LossHyper], jax.Array]
     title: str
     reads: tuple[str, ...] = ()
@@ -160,6 +194,8 @@ class Loss:
     needs_reference: bool = True
     completions: bool = False
     mean_logps: bool = False
+    sequence_nll: bool = False
+    metrics: Optional[Callable[[PairLogps, LossHyper], dict[str, jax.Array]]] = None
     hint: str = ""  # said with a missing required hyper-parameter
 
 
@@ -179,9 +215,12 @@ LOSSES: dict[str, Loss] = {
     "sigmoid_norm": Loss(sigmoid_norm_loss, "length-normalised DPO"),
     "sft": Loss(sft_loss, "supervised fine-tuning", needs_reference=False, completions=True),
     "dpop": Loss(dpop_loss, "DPOP (DPO-Positive)", reads=("dpop_lambda",)),
-    "cpo": Loss(cpo_loss, "CPO (Contrastive Preference Optimization)", reads=SMOOTHING, needs_reference=False),
+    "cpo": Loss(cpo_loss, "CPO (Contrastive Preference Optimization)", reads=SMOOTHING, needs_reference=False,
+                metrics=nll_metric),
     "simpo": Loss(simpo_loss, "SimPO (Simple Preference Optimization)", reads=SMOOTHING + ("simpo_gamma",),
-                  needs_reference=False, mean_logps=True),
+                  needs_reference=False, mean_logps=True, metrics=nll_metric),
+    "orpo": Loss(orpo_loss, "ORPO (Odds Ratio Preference Optimization)", needs_reference=False, mean_logps=True,
+                 sequence_nll=True, metrics=orpo_metrics),
 }
 LOSS_NAMES = tuple(LOSSES)
 

@@ -24,9 +24,10 @@ from maxdpo.dpo.losses import LOSSES, LossHyper, PairLogps, preference_loss
 from maxdpo.kernels.attention_blocks import PREFIX_GROUP
 from maxdpo.models.lora import adapters_off
 
-# Sums over pairs; divided by the number of pairs. Reference-free losses add `nll_loss` (TRL's CPOTrainer).
+# Sums over pairs; divided by the number of pairs. Reference-free losses add `nll_loss` (TRL's CPOTrainer), ORPO
+# its log odds (TRL's ORPOTrainer).
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected", "nll_loss")
+                "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen")
 SFT_METRICS = ("loss", "logps/chosen", "logits/chosen", "aux_loss")
 
 
@@ -44,15 +45,23 @@ class LossSettings:
         return LOSSES[self.loss].needs_reference
 
     @property
+    def sequence_nll(self) -> bool:
+        """The loss needs the chosen sequences' NLL with their prompts (ORPO)."""
+        return LOSSES[self.loss].sequence_nll
+
+    @property
     def sft(self) -> bool:
         """Trains on single completions (no rejected side, no rewards to log)."""
         return LOSSES[self.loss].completions
 
 
-def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch) -> dict[str, jax.Array]:
+def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch,
+                   sequence_nll: bool = False) -> dict[str, jax.Array]:
     """Forward pass over chosen and rejected rows ([B, 2, T]) or prefix-shared rows ([B, 1, T]): per-pair
     logps and logit sums, each [B*K, 2] for B rows of K pair slots; MoE models add the router
-    load-balancing loss of the whole forward (`aux_loss`, a scalar, as transformers computes it)."""
+    load-balancing loss of the whole forward (`aux_loss`, a scalar, as transformers computes it);
+    `sequence_nll` adds `sequence_logps`, over every predicted token of each sequence, prompt included (two-row
+    layout)."""
     rows, slots = batch.rows, batch.slots
     input_ids, segment_ids, completion_mask = (batch.flat(name) for name in
                                                ("input_ids", "segment_ids", "completion_mask"))  # [B*sides, T]
@@ -73,6 +82,9 @@ def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch) -> dict[s
             return values.reshape(rows, 2, slots).transpose(0, 2, 1).reshape(rows * slots, 2)
 
         stats = dict(zip(("logps", "logit_sums", "counts"), map(per_pair, sums)))
+        if sequence_nll:
+            whole = completion_logps(tokens, predicted_tokens(segment_ids), segment_ids, slots)[0]
+            stats["sequence_logps"] = per_pair(whole)
     if model.spec.num_experts:
         stats["aux_loss"] = aux_loss
     return stats
@@ -89,25 +101,39 @@ def reference_stats(graphdef: nnx.GraphDef, ref_params: Optional[dict], batch: B
     return jax.lax.stop_gradient(sequence_stats(graphdef, ref_params, batch))
 
 
-def sft_scale(batch: Batch) -> jax.Array:
-    """Pairs per chosen completion token over the whole batch (see PairLogps.sft_scale)."""
+def predicted_tokens(segment_ids: jax.Array) -> jax.Array:
+    """[R, T] 1 where a token follows one of its own sequence: every token but each sequence's first."""
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+    return jnp.pad(same, ((0, 0), (1, 0))).astype(jnp.int32)
+
+
+def token_scales(batch: Batch, settings: LossSettings) -> dict[str, jax.Array]:
+    """Pairs per chosen completion token over the whole batch (see PairLogps.sft_scale), and for ORPO pairs per
+    predicted token of the chosen sequences (PairLogps.chosen_sequence_nll)."""
     if batch.shared:  # chosen tokens are branch 1
         chosen = batch.completion_mask * (batch.segment_ids % PREFIX_GROUP == 1)
     else:
         chosen = batch.completion_mask[:, 0]
-    return jnp.sum(batch.pair_mask) / jnp.maximum(jnp.sum(chosen), 1)
+    pairs = jnp.sum(batch.pair_mask)
+    scales = {"sft": pairs / jnp.maximum(jnp.sum(chosen), 1)}
+    if settings.sequence_nll:
+        scales["sequence"] = pairs / jnp.maximum(jnp.sum(predicted_tokens(batch.segment_ids[:, 0])), 1)
+    return scales
 
 
 def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair_mask: jax.Array,
-                     scale: jax.Array) -> tuple[jax.Array, dict]:
+                     scales: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
     """(summed loss, metric sums) over the pairs with pair_mask 1; rewards = beta * (policy - reference logps),
     or beta * the policy's mean logps per token for losses on means (SimPO), which also log those as logps/*."""
+    sequence_nll = -policy["sequence_logps"][:, 0] * scales["sequence"] if "sequence_logps" in policy else 0.0
     logps = PairLogps(policy["logps"][:, 0], policy["logps"][:, 1], reference["logps"][:, 0],
-                      reference["logps"][:, 1], policy["counts"][:, 0], policy["counts"][:, 1], scale)
+                      reference["logps"][:, 1], policy["counts"][:, 0], policy["counts"][:, 1], scales["sft"],
+                      sequence_nll)
     losses = preference_loss(settings.loss, logps, settings.hyper, settings.sft_weight)  # [B]
     if "aux_loss" in policy:
         losses = losses + settings.router_aux_coef * policy["aux_loss"]
     loss = LOSSES[settings.loss]
+    extra = loss.metrics(logps, settings.hyper) if loss.metrics else {}
     if loss.mean_logps:
         logps = logps._replace(policy_chosen=logps.chosen_means, policy_rejected=logps.rejected_means)
     chosen_rewards = settings.hyper.beta * logps.chosen_logratios
@@ -128,8 +154,7 @@ def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair
     }
     if "aux_loss" in policy:
         per_pair["aux_loss"] = jnp.broadcast_to(policy["aux_loss"], losses.shape)
-    if not (loss.needs_reference or loss.completions):  # mean NLL per chosen token, summed over pairs
-        per_pair["nll_loss"] = -policy["logps"][:, 0] * scale
+    per_pair.update({name: jnp.broadcast_to(value, losses.shape) for name, value in extra.items()})
     pair_mask = pair_mask.reshape(-1)  # [B, K] -> [B*K]
     sums = {name: jnp.sum(value * pair_mask) for name, value in per_pair.items()}
     return sums["loss"], sums
@@ -161,29 +186,29 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
     weights with the adapters off, no second copy.
     """
 
-    def micro_step(trainable, frozen, ref_params, micro, scale):
+    def micro_step(trainable, frozen, ref_params, micro, scales):
         if base_reference:
             ref_params = adapters_off(split.merge(trainable, frozen))
         reference = reference_stats(graphdef, ref_params, micro, settings)
 
         def loss_fn(p):
-            policy = sequence_stats(graphdef, split.merge(p, frozen), micro)
-            return pair_metric_sums(policy, reference, settings, micro.pair_mask, scale)
+            policy = sequence_stats(graphdef, split.merge(p, frozen), micro, settings.sequence_nll)
+            return pair_metric_sums(policy, reference, settings, micro.pair_mask, scales)
 
         (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         return grads, sums
 
     def train_step(state: dict[str, Any], ref_params: Optional[dict], batch: Batch) -> tuple[dict, dict]:
         trainable, frozen = split.trainable(state["params"]), split.frozen(state["params"])
-        scale = sft_scale(batch)
+        scales = token_scales(batch, settings)
 
         def accumulate(carry, micro):
-            grads, sums = micro_step(trainable, frozen, ref_params, micro, scale)
+            grads, sums = micro_step(trainable, frozen, ref_params, micro, scales)
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
         micro_batches = split_micro_batches(batch, num_micro)
         zero = jax.eval_shape(micro_step, trainable, frozen, ref_params,
-                              jax.tree.map(lambda x: x[0], micro_batches), scale)
+                              jax.tree.map(lambda x: x[0], micro_batches), scales)
         zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
         (grad_sums, sums), _ = jax.lax.scan(accumulate, zero, micro_batches)
         # the gradient of the mean loss over pairs
@@ -207,8 +232,8 @@ def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings, base_referenc
         if base_reference:
             ref_params = adapters_off(params)
         reference = reference_stats(graphdef, ref_params, batch, settings)
-        policy = sequence_stats(graphdef, params, batch)
-        return pair_metric_sums(policy, reference, settings, batch.pair_mask, sft_scale(batch))[1]
+        policy = sequence_stats(graphdef, params, batch, settings.sequence_nll)
+        return pair_metric_sums(policy, reference, settings, batch.pair_mask, token_scales(batch, settings))[1]
 
     return eval_step
 
