@@ -100,6 +100,9 @@ class DPOConfig:
     label_smoothing: float = 0.0
     dpop_lambda: float = 50.0
     simpo_gamma: float = 0.5  # SimPO's target reward margin γ (TRL's default)
+    discopop_tau: float = 0.05  # DiscoPOP's modulation temperature τ
+    f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence
+    f_alpha_divergence_coef: float = 0.5  # α of alpha_divergence
     sft_weight: float = 0.0
     router_aux_coef: float = 0.0
 
@@ -413,7 +416,10 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"config key 'dpo.router_aux_coef' must be >= 0, got {cfg.dpo.router_aux_coef}")
     if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError(f"config key 'dpo.label_smoothing' must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
-    for key in ("dpop_lambda", "simpo_gamma", "sft_weight"):
+    if cfg.dpo.f_alpha_divergence_coef <= 0:
+        raise ConfigError("config key 'dpo.f_alpha_divergence_coef' must be > 0, got "
+                          f"{cfg.dpo.f_alpha_divergence_coef}")
+    for key in ("dpop_lambda", "simpo_gamma", "discopop_tau", "sft_weight"):
         if getattr(cfg.dpo, key) < 0:
             raise ConfigError(f"config key 'dpo.{key}' must be >= 0, got {getattr(cfg.dpo, key)}")
     _check_lora(cfg)

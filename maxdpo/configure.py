@@ -6,7 +6,7 @@ from typing import Optional
 
 from maxdpo.config import Config, ConfigError, check_choice, config_from_dict, read_config
 from maxdpo.data.templates import BUILTIN_TEMPLATES
-from maxdpo.dpo.losses import LOSSES
+from maxdpo.dpo.losses import F_DIVERGENCES, LOSSES
 from maxdpo.dpo.optim import DECAYS
 from maxdpo.kernels import ATTENTION_IMPLEMENTATIONS
 from maxdpo.models.moe import EXPERT_IMPLEMENTATIONS
@@ -19,6 +19,7 @@ REGISTRIES = {
     "model.moe_impl": EXPERT_IMPLEMENTATIONS,
     "model.remat": ("none", *REMAT_POLICIES),
     "dpo.loss": LOSSES,
+    "dpo.f_divergence_type": F_DIVERGENCES,
     "optimizer.schedule": DECAYS,
 }
 
@@ -41,6 +42,10 @@ def _check_loss(cfg: Config) -> None:
     for key in loss.requires:
         if not getattr(dpo, key):
             raise ConfigError(f"dpo.loss '{name}' needs dpo.{key} > 0" + (f" ({loss.hint})" if loss.hint else ""))
+    if dpo.f_divergence_type != "reverse_kl" and not loss.f_divergence:
+        readers = [other for other, record in LOSSES.items() if record.f_divergence]
+        raise ConfigError(f"config key 'dpo.f_divergence_type' ({dpo.f_divergence_type}) applies to the losses "
+                          f"{readers} only; dpo.loss '{name}' takes the log-ratios themselves")
     if loss.sequence_nll and cfg.data.prefix_sharing:
         raise ConfigError(f"dpo.loss '{name}' takes the NLL of each chosen sequence with its prompt, which "
                           "data.prefix_sharing does not keep per sequence; unset data.prefix_sharing")

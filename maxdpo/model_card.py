@@ -69,6 +69,10 @@ def hyperparameters(cfg: Config, mesh: dict[str, int], data_parallel: int) -> li
     lines += [f"num_epochs: {trainer.epochs}"] + ([f"training_steps: {trainer.max_steps}"] if trainer.max_steps > 0 else [])
     lines += [f"max_grad_norm: {opt.max_grad_norm:g}", f"loss: {dpo.loss}", f"beta: {dpo.beta:g}"]
     lines += [f"{key}: {getattr(dpo, key):g}" for key in LOSSES[dpo.loss].reads if getattr(dpo, key)]
+    if dpo.f_divergence_type != "reverse_kl":
+        lines.append(f"f_divergence_type: {dpo.f_divergence_type}" + (
+            f", f_alpha_divergence_coef: {dpo.f_alpha_divergence_coef:g}"
+            if dpo.f_divergence_type == "alpha_divergence" else ""))
     if dpo.sft_weight:
         lines.append(f"sft_weight: {dpo.sft_weight:g}")
     if dpo.router_aux_coef:

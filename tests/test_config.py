@@ -42,6 +42,10 @@ def test_unknown_key_names_closest():
     ("dpo.loss=exo_pair", "'exo_pair' needs dpo.label_smoothing > 0"),
     ("dpo.dpop_lambda=-1", "dpo.dpop_lambda' must be >= 0"),
     ("dpo.sft_weight=-1", "dpo.sft_weight' must be >= 0"),
+    ("dpo.f_divergence_type=kl", "dpo.f_divergence_type' must be one of"),
+    ("dpo.loss=dpop dpo.f_divergence_type=js_divergence", "applies to the losses .*'dpop' takes the log-ratios"),
+    ("dpo.loss=discopop dpo.discopop_tau=0", "'discopop' needs dpo.discopop_tau > 0"),
+    ("dpo.f_alpha_divergence_coef=0", "f_alpha_divergence_coef' must be > 0"),
 ])
 def test_bad_values_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):

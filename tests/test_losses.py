@@ -146,11 +146,42 @@ def test_sft_weight_adds_the_token_mean_nll():
 def test_every_loss_is_finite_and_differentiable():
     x = _random_logps()
     for name in LOSS_NAMES:
-        hyper = LossHyper(0.1, 1e-3 if name == "exo_pair" else 0.0)
+        hyper = LossHyper(0.1, 1e-3 if name == "exo_pair" else 0.0)  # discopop: tau 0.05 by default
         values = preference_loss(name, x, hyper)
         grads = jax.grad(lambda pc: jnp.sum(preference_loss(name, x._replace(policy_chosen=pc), hyper)))(
             jnp.asarray(x.policy_chosen))
         assert values.shape == (64,) and np.isfinite(values).all() and np.isfinite(grads).all(), name
+
+
+@pytest.mark.parametrize("name", ["aot", "aot_unpaired"])
+def test_aot_sorts_the_real_pairs_only(name):
+    """Padding slots (pair mask 0) sort last in both sorted sequences and leave the real pairs' losses as
+    without them; the sorted differences are those of the sorted real values (paired: policy minus reference
+    log-ratio margins)."""
+    x = _random_logps(8)
+    padded = PairLogps(*(np.concatenate([np.asarray(v), np.full(3, fill)]) if np.ndim(v) else v
+                         for v, fill in zip(x, (-1.0, -90.0, -5.0, -2.0, 0.0, 0.0, 0.0))),
+                       pair_mask=np.array([1.0] * 8 + [0.0] * 3, np.float32))
+    hyper = LossHyper(0.3, 0.1)
+    real = preference_loss(name, x, hyper)
+    with_padding = preference_loss(name, padded, hyper)
+    np.testing.assert_allclose(with_padding[:8], real, rtol=1e-6)
+    if name == "aot":
+        delta = (np.sort(x.policy_chosen - x.policy_rejected) - np.sort(x.ref_chosen - x.ref_rejected)) * 0.3
+        np.testing.assert_allclose(real, 0.9 * np.logaddexp(0, -delta) + 0.1 * np.logaddexp(0, delta), rtol=1e-5)
+
+
+def test_f_divergences_are_their_derivatives_of_the_likelihood_ratio():
+    """f-DPO: sigmoid on f'(u_w) − f'(u_l), u = πθ/π_ref: forward KL 1 − 1/u, JS log(2u/(1+u)), α (u^(α−1) − 1)/(α−1)."""
+    x = _random_logps()
+    u_w = np.exp((x.policy_chosen - x.ref_chosen).astype(np.float64))
+    u_l = np.exp((x.policy_rejected - x.ref_rejected).astype(np.float64))
+    derivatives = {"forward_kl": lambda u: 1 - 1 / u, "js_divergence": lambda u: np.log(2 * u / (1 + u)),
+                   "alpha_divergence": lambda u: (u ** (0.3 - 1) - 1) / (0.3 - 1)}
+    for kind, derivative in derivatives.items():
+        z = 0.1 * (derivative(u_w) - derivative(u_l))
+        got = preference_loss("sigmoid", x, LossHyper(0.1, f_divergence_type=kind, f_alpha_divergence_coef=0.3))
+        np.testing.assert_allclose(got, np.logaddexp(0, -z), rtol=2e-4, atol=1e-5, err_msg=kind)
 
 
 def test_unknown_loss_is_refused():

@@ -50,6 +50,21 @@ CASES = [
     ("sft", 0.3, 0.0, 0.0),
     ("sigmoid", 0.3, 0.0, 0.7),
 ]
+# (dpo.loss, beta, label_smoothing, sft_weight, options): TRL's DPOConfig options maxdpo names alike under dpo.*
+OPTION_CASES = [
+    ("discopop", 0.3, 0.0, 0.0, {"discopop_tau": 0.05}),
+    ("discopop", 0.3, 0.0, 0.0, {"discopop_tau": 0.7}),
+    ("aot", 0.3, 0.0, 0.0, {}),
+    ("aot", 0.5, 0.2, 0.0, {}),
+    ("aot_unpaired", 0.3, 0.1, 0.0, {}),
+    ("sigmoid", 0.3, 0.0, 0.0, {"f_divergence_type": "forward_kl"}),
+    ("sigmoid", 0.3, 0.0, 0.0, {"f_divergence_type": "js_divergence"}),
+    ("sigmoid", 0.3, 0.0, 0.0, {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}),
+    ("ipo", 0.5, 0.0, 0.0, {"f_divergence_type": "js_divergence"}),
+    ("hinge", 2.0, 0.0, 0.0, {"f_divergence_type": "alpha_divergence"}),
+    ("sigmoid_norm", 0.3, 0.0, 0.0, {"f_divergence_type": "forward_kl"}),
+    ("discopop", 0.3, 0.0, 0.0, {"f_divergence_type": "js_divergence"}),
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +72,13 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_path("bundled:tiny/tokenizer"))
 
 
-def trl_step(policy_hf, ref_hf, tokenizer, tmp, loss, beta, smoothing, sft_weight, aux_coef=None):
+def trl_step(policy_hf, ref_hf, tokenizer, tmp, loss, beta, smoothing, sft_weight, aux_coef=None, **options):
     """TRL's first training batch, its compute_loss (backward for the gradient norm) and logged metrics."""
     loss_type, weights = ([loss, "sft"], [1.0, sft_weight]) if sft_weight else ([loss], None)
     args = trl.DPOConfig(output_dir=str(tmp / "trl"), loss_type=loss_type, loss_weights=weights, beta=beta,
                          label_smoothing=smoothing, per_device_train_batch_size=len(ROWS), report_to=[],
                          use_cpu=True, bf16=False, max_length=32,
-                         router_aux_loss_coef=aux_coef)  # bf16 autocast off: compare in fp32
+                         router_aux_loss_coef=aux_coef, **options)  # bf16 autocast off: compare in fp32
     trainer = trl.DPOTrainer(model=policy_hf, ref_model=ref_hf, args=args, train_dataset=Dataset.from_list(ROWS),
                              processing_class=tokenizer)
     batch, metrics = first_step(trainer, trainer._metrics)
@@ -95,11 +110,11 @@ def maxdpo_batch(trl_batch):
                  pair_mask=np.ones((attention.shape[0], 1), np.float32), layout=PAIRED)
 
 
-def maxdpo_step(tmp, batch, loss, beta, smoothing, sft_weight, aux_coef=0.0, num_micro=1):
+def maxdpo_step(tmp, batch, loss, beta, smoothing, sft_weight, aux_coef=0.0, num_micro=1, **options):
     graphdef, params = maxdpo_params(tmp / "policy")
     _, ref_params = maxdpo_params(tmp / "ref")
     spec = nnx.merge(graphdef, params).spec
-    settings = LossSettings(loss, LossHyper(beta, smoothing), sft_weight, aux_coef)
+    settings = LossSettings(loss, LossHyper(beta, smoothing, **options), sft_weight, aux_coef)
     split = trainable_split(spec, get_family(spec.family), FreezeConfig())
     tx = optax.sgd(1e-3)
     step = jax.jit(make_train_step(graphdef, settings, tx, optax.constant_schedule(1e-3), num_micro, split))
@@ -115,13 +130,13 @@ def llama_pair(tmp_path_factory):
     return tiny_llama(tmp / "policy", seed=0), tiny_llama(tmp / "ref", seed=1), tmp
 
 
-@pytest.mark.parametrize("loss,beta,smoothing,sft_weight", CASES)
-def test_train_metrics_equal_trl(llama_pair, tokenizer, loss, beta, smoothing, sft_weight):
+@pytest.mark.parametrize("loss,beta,smoothing,sft_weight,options", [case + ({},) for case in CASES] + OPTION_CASES)
+def test_train_metrics_equal_trl(llama_pair, tokenizer, loss, beta, smoothing, sft_weight, options):
     policy_hf, ref_hf, tmp = llama_pair
-    trl_batch, expected = trl_step(policy_hf, ref_hf, tokenizer, tmp, loss, beta, smoothing, sft_weight)
+    trl_batch, expected = trl_step(policy_hf, ref_hf, tokenizer, tmp, loss, beta, smoothing, sft_weight, **options)
     assert 0 < expected["rewards/accuracies"] < 1  # the reference really differs from the policy
     batch = maxdpo_batch(trl_batch)
-    metrics, eval_sums = maxdpo_step(tmp, batch, loss, beta, smoothing, sft_weight)
+    metrics, eval_sums = maxdpo_step(tmp, batch, loss, beta, smoothing, sft_weight, **options)
     # maxdpo's sft has no reference: it logs only what does not involve one (loss, chosen logps and logits)
     names = [name for name in METRICS if loss != "sft" or name in SFT_METRICS]
     for name in names + ["grad_norm"]:

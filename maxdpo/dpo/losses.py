@@ -1,5 +1,5 @@
-"""Preference losses as pure functions of per-pair log-probs: TRL's DPO family, DPOP (Pal et al. 2024), and the
-reference-free CPO and SimPO (TRL's CPOTrainer) and ORPO (its ORPOTrainer).
+"""Preference losses as pure functions of per-pair log-probs: TRL's DPO family (with f-DPO's divergences), DPOP
+(Pal et al. 2024), and the reference-free CPO and SimPO (TRL's CPOTrainer) and ORPO (its ORPOTrainer).
 
 Every loss maps `PairLogps` (each field [B], fp32) to a per-pair loss [B]; the step takes their mean over
 the batch's pairs. Notation: c = log πθ(y_w|x) − log π_ref(y_w|x), r = the same for y_l, d = c − r; without a
@@ -23,6 +23,7 @@ class PairLogps(NamedTuple):
     rejected_tokens: jax.Array
     sft_scale: jax.Array  # [] pairs / chosen completion tokens of the whole batch: turns a mean over pairs
     # of summed NLLs into TRL's mean over the batch's chosen tokens
+    pair_mask: jax.Array = 1.0  # [B] 1 for real pairs, 0 for padding slots (losses over the batch: aot)
     chosen_sequence_nll: jax.Array = 0.0  # [B] ORPO: the chosen sequence's NLL, prompt included, x pairs / the
     # whole batch's chosen sequence tokens (so its mean over pairs is the NLL per token, as TRL's ORPOTrainer)
 
@@ -47,11 +48,6 @@ class PairLogps(NamedTuple):
     def rejected_means(self) -> jax.Array:
         return self.policy_rejected / jnp.maximum(self.rejected_tokens, 1.0)
 
-    @property
-    def per_token_delta(self) -> jax.Array:
-        """c/|y_w| − r/|y_l|: the log-ratios averaged over each completion's tokens."""
-        return (self.chosen_logratios / jnp.maximum(self.chosen_tokens, 1.0)
-                - self.rejected_logratios / jnp.maximum(self.rejected_tokens, 1.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,31 +56,65 @@ class LossHyper:
     label_smoothing: float = 0.0
     dpop_lambda: float = 50.0
     simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
 
 
 log_sigmoid = jax.nn.log_sigmoid
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def f_scores(x: PairLogps, h: LossHyper) -> tuple[jax.Array, jax.Array]:
+    """f'(u) of the chosen and rejected likelihood ratios u = πθ/π_ref, f-DPO's (Wang et al. 2023) generalisation
+    of the log-ratios c and r: reverse KL log u (DPO), forward KL 1 − 1/u, Jensen-Shannon log(2u / (1 + u)),
+    α-divergence (u^(α−1) − 1)/(α−1), its exponent clamped at 80 as TRL does (α = 1: log u)."""
+    kind, alpha = h.f_divergence_type, h.f_alpha_divergence_coef
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return x.chosen_logratios, x.rejected_logratios
+    transforms = {"forward_kl": lambda v: 1 - jnp.exp(-v),
+                  "js_divergence": lambda v: jnp.log(2.0) + log_sigmoid(v),
+                  "alpha_divergence": lambda v: (jnp.exp(jnp.minimum((alpha - 1) * v, 80.0)) - 1) / (alpha - 1)}
+    return transforms[kind](x.chosen_logratios), transforms[kind](x.rejected_logratios)
+
+
+def score_delta(x: PairLogps, h: LossHyper) -> jax.Array:
+    """The chosen minus the rejected f-score: d under the reverse KL."""
+    chosen, rejected = f_scores(x, h)
+    return chosen - rejected
+
+
+def per_token_score_delta(x: PairLogps, h: LossHyper) -> jax.Array:
+    """The f-scores averaged over each completion's tokens: c/|y_w| − r/|y_l| under the reverse KL."""
+    chosen, rejected = f_scores(x, h)
+    return chosen / jnp.maximum(x.chosen_tokens, 1.0) - rejected / jnp.maximum(x.rejected_tokens, 1.0)
+
+
+def smoothed_sigmoid(logits: jax.Array, eps: float) -> jax.Array:
+    """cDPO's −(1−ε)·log σ(z) − ε·log σ(−z)."""
+    return -(1 - eps) * log_sigmoid(logits) - eps * log_sigmoid(-logits)
 
 
 def sigmoid_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     """DPO (Rafailov et al. 2023) with cDPO label smoothing ε: −(1−ε)·log σ(βd) − ε·log σ(−βd)."""
-    return -(1 - h.label_smoothing) * log_sigmoid(h.beta * x.delta) - h.label_smoothing * log_sigmoid(-h.beta * x.delta)
+    return smoothed_sigmoid(h.beta * score_delta(x, h), h.label_smoothing)
 
 
 def hinge_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     """SLiC: max(0, 1 − βd)."""
-    return jax.nn.relu(1 - h.beta * x.delta)
+    return jax.nn.relu(1 - h.beta * score_delta(x, h))
 
 
 def ipo_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     """IPO (Azar et al. 2023, eq. 17) on per-token log-ratios, as TRL normalises it: (c/|y_w| − r/|y_l| − 1/(2β))²."""
-    return (x.per_token_delta - 1 / (2 * h.beta)) ** 2
+    return (per_token_score_delta(x, h) - 1 / (2 * h.beta)) ** 2
 
 
 def exo_pair_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     """EXO (Ji et al. 2024, eq. 16): KL(softmax(β·[c, r]) ‖ [1−ε, ε]); needs ε > 0."""
-    eps = h.label_smoothing
-    return (jax.nn.sigmoid(h.beta * x.delta) * (log_sigmoid(h.beta * x.delta) - jnp.log1p(-eps))
-            + jax.nn.sigmoid(-h.beta * x.delta) * (log_sigmoid(-h.beta * x.delta) - jnp.log(eps)))
+    eps, logits = h.label_smoothing, h.beta * score_delta(x, h)
+    return (jax.nn.sigmoid(logits) * (log_sigmoid(logits) - jnp.log1p(-eps))
+            + jax.nn.sigmoid(-logits) * (log_sigmoid(-logits) - jnp.log(eps)))
 
 
 def nca_pair_loss(x: PairLogps, h: LossHyper) -> jax.Array:
@@ -95,8 +125,8 @@ def nca_pair_loss(x: PairLogps, h: LossHyper) -> jax.Array:
 
 def robust_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     """rDPO (Chowdhury et al. 2024): unbiased under label-flip rate ε: [−(1−ε)·log σ(βd) + ε·log σ(−βd)] / (1−2ε)."""
-    eps = h.label_smoothing
-    return (-(1 - eps) * log_sigmoid(h.beta * x.delta) + eps * log_sigmoid(-h.beta * x.delta)) / (1 - 2 * eps)
+    eps, logits = h.label_smoothing, h.beta * score_delta(x, h)
+    return (-(1 - eps) * log_sigmoid(logits) + eps * log_sigmoid(-logits)) / (1 - 2 * eps)
 
 
 def bco_pair_loss(x: PairLogps, h: LossHyper) -> jax.Array:
@@ -121,7 +151,37 @@ def apo_down_loss(x: PairLogps, h: LossHyper) -> jax.Array:
 
 def sigmoid_norm_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     """DPO on per-token log-ratios: −log σ(β·(c/|y_w| − r/|y_l|))."""
-    return -log_sigmoid(h.beta * x.per_token_delta)
+    return -log_sigmoid(h.beta * per_token_score_delta(x, h))
+
+
+def discopop_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """DiscoPOP (Chan Lu et al. 2024, eq. 5), log-ratio modulated: with z = βd and m = σ(z/τ),
+    (1 − m)·(−log σ(z)) + m·exp(−z)."""
+    logits = h.beta * score_delta(x, h)
+    modulation = jax.nn.sigmoid(logits / h.discopop_tau)
+    return (1 - modulation) * -log_sigmoid(logits) + modulation * jnp.exp(-logits)
+
+
+def _sorted_real(values: jax.Array, pair_mask) -> jax.Array:
+    """`values` [B] sorted ascending with the padding slots last (as the largest float, so that two such
+    sorts subtract to 0 there)."""
+    real = jnp.broadcast_to(jnp.asarray(pair_mask) > 0, values.shape)
+    return jnp.sort(jnp.where(real, values, jnp.finfo(values.dtype).max))
+
+
+def aot_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """AOT (Melnyk et al. 2024), paired: distributional dominance by optimal transport in one dimension, i.e.
+    cDPO's sigmoid on the sorted policy log-ratios (log πθ(y_w) − log πθ(y_l)) minus the sorted reference
+    ones, over the (micro-)batch's real pairs. The losses are per sorted position, not per pair."""
+    policy = _sorted_real(x.policy_chosen - x.policy_rejected, x.pair_mask)
+    reference = _sorted_real(x.ref_chosen - x.ref_rejected, x.pair_mask)
+    return smoothed_sigmoid(h.beta * (policy - reference), h.label_smoothing)
+
+
+def aot_unpaired_loss(x: PairLogps, h: LossHyper) -> jax.Array:
+    """AOT, unpaired: the sorted chosen log-ratios c minus the sorted rejected ones r."""
+    chosen, rejected = (_sorted_real(v, x.pair_mask) for v in (x.chosen_logratios, x.rejected_logratios))
+    return smoothed_sigmoid(h.beta * (chosen - rejected), h.label_smoothing)
 
 
 def sft_loss(x: PairLogps, h: LossHyper) -> jax.Array:
@@ -138,8 +198,7 @@ def dpop_loss(x: PairLogps, h: LossHyper) -> jax.Array:
 def cpo_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     """CPO (Xu et al. 2024, eq. 3) without its NLL term (`dpo.sft_weight`, TRL's cpo_alpha): DPO's sigmoid with
     cDPO smoothing ε on the policy's own log-probs, −(1−ε)·log σ(β(c − r)) − ε·log σ(−β(c − r))."""
-    logits = h.beta * (x.policy_chosen - x.policy_rejected)
-    return -(1 - h.label_smoothing) * log_sigmoid(logits) - h.label_smoothing * log_sigmoid(-logits)
+    return smoothed_sigmoid(h.beta * (x.policy_chosen - x.policy_rejected), h.label_smoothing)
 
 
 def log1mexp(x: jax.Array) -> jax.Array:
@@ -165,8 +224,7 @@ def orpo_loss(x: PairLogps, h: LossHyper) -> jax.Array:
 def simpo_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     """SimPO (Meng et al. 2024, eq. 6): −log σ(β/|y_w|·log πθ(y_w|x) − β/|y_l|·log πθ(y_l|x) − γ), with cDPO
     smoothing ε as TRL's CPOTrainer applies it."""
-    logits = h.beta * (x.chosen_means - x.rejected_means) - h.simpo_gamma
-    return -(1 - h.label_smoothing) * log_sigmoid(logits) - h.label_smoothing * log_sigmoid(-logits)
+    return smoothed_sigmoid(h.beta * (x.chosen_means - x.rejected_means) - h.simpo_gamma, h.label_smoothing)
 
 
 def nll_metric(x: PairLogps, h: LossHyper) -> dict[str, jax.Array]:
@@ -186,7 +244,8 @@ class Loss:
     it reads besides beta, those it cannot do without (> 0), whether it needs a reference model, whether
     it trains on single completions (no rejected side: SFT data) instead of preference pairs, whether its
     rewards (and logged logps) are per-token means of the policy's log-probs (SimPO, ORPO) rather than sums,
-    whether it needs the chosen sequences' NLL with the prompt (ORPO), and the per-pair metrics it adds."""
+    whether it needs the chosen sequences' NLL with the prompt (ORPO), whether it takes f-DPO's scores, and the
+    per-pair metrics it adds."""
     fn: Callable[[PairLogps, LossHyper], jax.Array]
     title: str
     reads: tuple[str, ...] = ()
@@ -195,24 +254,29 @@ class Loss:
     completions: bool = False
     mean_logps: bool = False
     sequence_nll: bool = False
+    f_divergence: bool = False  # honours dpo.f_divergence_type (TRL's set of losses on f-scores)
     metrics: Optional[Callable[[PairLogps, LossHyper], dict[str, jax.Array]]] = None
     hint: str = ""  # said with a missing required hyper-parameter
 
 
 SMOOTHING = ("label_smoothing",)
 LOSSES: dict[str, Loss] = {
-    "sigmoid": Loss(sigmoid_loss, "DPO (Direct Preference Optimization)", reads=SMOOTHING),
-    "ipo": Loss(ipo_loss, "IPO"),
-    "hinge": Loss(hinge_loss, "SLiC (hinge)"),
-    "robust": Loss(robust_loss, "robust DPO", reads=SMOOTHING),
-    "exo_pair": Loss(exo_pair_loss, "EXO", reads=SMOOTHING, requires=SMOOTHING,
+    "sigmoid": Loss(sigmoid_loss, "DPO (Direct Preference Optimization)", reads=SMOOTHING, f_divergence=True),
+    "ipo": Loss(ipo_loss, "IPO", f_divergence=True),
+    "hinge": Loss(hinge_loss, "SLiC (hinge)", f_divergence=True),
+    "robust": Loss(robust_loss, "robust DPO", reads=SMOOTHING, f_divergence=True),
+    "exo_pair": Loss(exo_pair_loss, "EXO", reads=SMOOTHING, requires=SMOOTHING, f_divergence=True,
                      hint="its target distribution is [1 - ε, ε]; TRL suggests 1e-3"),
     "nca_pair": Loss(nca_pair_loss, "NCA"),
     "bco_pair": Loss(bco_pair_loss, "BCO"),
     "sppo_hard": Loss(sppo_hard_loss, "SPPO"),
     "apo_zero": Loss(apo_zero_loss, "APO-zero"),
     "apo_down": Loss(apo_down_loss, "APO-down"),
-    "sigmoid_norm": Loss(sigmoid_norm_loss, "length-normalised DPO"),
+    "sigmoid_norm": Loss(sigmoid_norm_loss, "length-normalised DPO", f_divergence=True),
+    "discopop": Loss(discopop_loss, "DiscoPOP", reads=("discopop_tau",), requires=("discopop_tau",),
+                     f_divergence=True, hint="the paper's 0.05"),
+    "aot": Loss(aot_loss, "AOT (Alignment via Optimal Transport), paired", reads=SMOOTHING),
+    "aot_unpaired": Loss(aot_unpaired_loss, "AOT (Alignment via Optimal Transport), unpaired", reads=SMOOTHING),
     "sft": Loss(sft_loss, "supervised fine-tuning", needs_reference=False, completions=True),
     "dpop": Loss(dpop_loss, "DPOP (DPO-Positive)", reads=("dpop_lambda",)),
     "cpo": Loss(cpo_loss, "CPO (Contrastive Preference Optimization)", reads=SMOOTHING, needs_reference=False,

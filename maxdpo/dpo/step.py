@@ -126,9 +126,10 @@ def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair
     """(summed loss, metric sums) over the pairs with pair_mask 1; rewards = beta * (policy - reference logps),
     or beta * the policy's mean logps per token for losses on means (SimPO), which also log those as logps/*."""
     sequence_nll = -policy["sequence_logps"][:, 0] * scales["sequence"] if "sequence_logps" in policy else 0.0
+    pair_mask = pair_mask.reshape(-1)  # [B, K] -> [B*K]
     logps = PairLogps(policy["logps"][:, 0], policy["logps"][:, 1], reference["logps"][:, 0],
                       reference["logps"][:, 1], policy["counts"][:, 0], policy["counts"][:, 1], scales["sft"],
-                      sequence_nll)
+                      pair_mask=pair_mask, chosen_sequence_nll=sequence_nll)
     losses = preference_loss(settings.loss, logps, settings.hyper, settings.sft_weight)  # [B]
     if "aux_loss" in policy:
         losses = losses + settings.router_aux_coef * policy["aux_loss"]
@@ -155,7 +156,6 @@ def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair
     if "aux_loss" in policy:
         per_pair["aux_loss"] = jnp.broadcast_to(policy["aux_loss"], losses.shape)
     per_pair.update({name: jnp.broadcast_to(value, losses.shape) for name, value in extra.items()})
-    pair_mask = pair_mask.reshape(-1)  # [B, K] -> [B*K]
     sums = {name: jnp.sum(value * pair_mask) for name, value in per_pair.items()}
     return sums["loss"], sums
 
