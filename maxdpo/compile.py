@@ -92,7 +92,8 @@ def report(cfg: Config, topology: Topology, devices) -> dict:
         mesh={axis: size for axis, size in program.mesh.shape.items() if size > 1}, model=spec.family,
         params_billion=spec.num_params() / 1e9, rows=rows, micro_batch=cfg.trainer.micro_batch,
         seq=seq, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
-        reference=("precomputed" if cfg.reference.precompute else "model" if program.reference_model
+        reference=("precomputed" if cfg.reference.precompute else "moving model (TR-DPO)" if program.reference_sync
+                   else "model" if program.reference_model
                    else "base, adapters off" if program.execution.lora and program.settings.uses_reference else "none"),
         compile_s=round(time.perf_counter() - start, 1),
         gb_per_device=dict(arguments=memory.argument_size_in_bytes / 1e9, outputs=memory.output_size_in_bytes / 1e9,

@@ -57,6 +57,8 @@ class ModelConfig:
 class ReferenceConfig:
     path: Optional[str] = None
     precompute: bool = False
+    sync_steps: int = 0  # TR-DPO: every N steps the reference becomes mixup_alpha x policy + (1 - it) x itself
+    mixup_alpha: float = 0.6  # (TRL's ref_model_sync_steps / ref_model_mixup_alpha); 0 steps: a fixed reference
 
 
 @dataclasses.dataclass
@@ -419,6 +421,10 @@ def check_values(cfg: Config) -> None:
     if cfg.dpo.f_alpha_divergence_coef <= 0:
         raise ConfigError("config key 'dpo.f_alpha_divergence_coef' must be > 0, got "
                           f"{cfg.dpo.f_alpha_divergence_coef}")
+    if cfg.reference.sync_steps < 0:
+        raise ConfigError(f"config key 'reference.sync_steps' must be >= 0 (0: no sync), got {cfg.reference.sync_steps}")
+    if not 0.0 < cfg.reference.mixup_alpha <= 1.0:
+        raise ConfigError(f"config key 'reference.mixup_alpha' must be in (0, 1], got {cfg.reference.mixup_alpha}")
     for key in ("dpop_lambda", "simpo_gamma", "discopop_tau", "sft_weight"):
         if getattr(cfg.dpo, key) < 0:
             raise ConfigError(f"config key 'dpo.{key}' must be >= 0, got {getattr(cfg.dpo, key)}")

@@ -49,6 +49,14 @@ def _check_loss(cfg: Config) -> None:
     if loss.sequence_nll and cfg.data.prefix_sharing:
         raise ConfigError(f"dpo.loss '{name}' takes the NLL of each chosen sequence with its prompt, which "
                           "data.prefix_sharing does not keep per sequence; unset data.prefix_sharing")
+    if cfg.reference.sync_steps and not loss.needs_reference:
+        raise ConfigError(f"dpo.loss '{name}' trains without a reference model; unset reference.sync_steps")
+    if cfg.reference.sync_steps and cfg.reference.precompute:
+        raise ConfigError("reference.sync_steps moves the reference every few steps, so its log-probs cannot be "
+                          "computed once ahead (reference.precompute); unset one of them")
+    if cfg.reference.sync_steps and cfg.lora.rank:
+        raise ConfigError("with lora.rank > 0 the reference is the adapter-free base, which reference.sync_steps "
+                          "cannot move without a second copy of the model; unset reference.sync_steps")
     if not loss.needs_reference and (cfg.reference.path or cfg.reference.precompute):
         raise ConfigError(f"dpo.loss '{name}' trains without a reference model; unset reference.path and "
                           "reference.precompute")

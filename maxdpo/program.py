@@ -23,7 +23,7 @@ from maxdpo.data.sources import resolve_path
 from maxdpo.dpo.freeze import TrainableSplit, adapter_split, trainable_split
 from maxdpo.dpo.losses import LossHyper
 from maxdpo.dpo.optim import make_optimizer, optimizer_state_shardings
-from maxdpo.dpo.step import LossSettings, make_eval_step, make_reference_logps, make_train_step
+from maxdpo.dpo.step import LossSettings, ReferenceSync, make_eval_step, make_reference_logps, make_train_step
 from maxdpo.models.layers import is_norm_scale
 from maxdpo.models.lora import plan as lora_plan
 from maxdpo.models.registry import get_family
@@ -102,6 +102,7 @@ class TrainProgram:
     schedule: optax.Schedule
     layout: str  # batch.PAIRED or batch.SHARED
     reference_model: bool  # the steps run a reference model (the loss needs one and it is not precomputed)
+    reference_sync: Optional[ReferenceSync]  # TR-DPO: the reference moves and is part of the state
     data_parallel: int  # devices a micro batch's rows are split over
     abstract_state: dict  # ShapeDtypeStructs with their shardings
     abstract_reference: Optional[dict]  # the reference weights' ShapeDtypeStructs (`reference_dtypes`), or None
@@ -141,12 +142,16 @@ class TrainProgram:
                        out_shardings=self.param_shardings)
         return cast(params)
 
-    def init_state(self, params: dict) -> dict:
-        """The state at step 0: `params` (already placed by `param_shardings`) and fresh optimizer moments."""
+    def init_state(self, params: dict, ref_params: Optional[dict] = None) -> dict:
+        """The state at step 0: `params` (already placed by `param_shardings`), fresh optimizer moments, and with
+        `reference_sync` the reference weights `ref_params`."""
         opt_shardings = self.state_shardings["opt_state"]
         opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(self.split.trainable(params))
         step = jax.device_put(jnp.asarray(0, jnp.int32), self.state_shardings["step"])
-        return {"step": step, "params": params, "opt_state": opt_state}
+        state = {"step": step, "params": params, "opt_state": opt_state}
+        if self.reference_sync:
+            state["reference"] = ref_params
+        return state
 
     def abstract_batch(self, rows: int, length: int, slots: int = 1) -> Batch:
         """The train step's batch as ShapeDtypeStructs (rows x length tokens per side)."""
@@ -156,7 +161,7 @@ class TrainProgram:
     def abstract_args(self, rows: int, length: Optional[int] = None) -> tuple:
         """(state, reference params, batch) as ShapeDtypeStructs, for `train_step.lower(*args)`; the batch's
         rows are padded to `length` tokens (default: the longest row `data.max_length` allows)."""
-        ref = self.abstract_reference if self.reference_model else None
+        ref = self.abstract_reference if self.reference_model and not self.reference_sync else None
         length = length or longest_row(self.layout, self.cfg.data.max_length)
         return self.abstract_state, ref, self.abstract_batch(rows, length)
 
@@ -202,14 +207,18 @@ def build_train_program(cfg: Config, mesh: Mesh, total_steps: int,
                                        params, reference_dtypes(params, execution.dtype))
                           if reference_model else None)
     ref_shardings: Optional[Any] = param_shardings if reference_model else None
+    sync = ReferenceSync(cfg.reference.sync_steps, cfg.reference.mixup_alpha) if cfg.reference.sync_steps else None
+    if sync:  # the moving reference is state: checkpointed, donated, updated by the step
+        abstract_state["reference"] = abstract_reference
+        state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     train_step = jax.jit(make_train_step(graphdef, settings, optimizer, schedule, cfg.trainer.accumulation_steps,
-                                         split, base_reference),
-                         in_shardings=(state_shardings, ref_shardings, rows),
+                                         split, base_reference, sync),
+                         in_shardings=(state_shardings, None if sync else ref_shardings, rows),
                          out_shardings=(state_shardings, scalar), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(graphdef, settings, base_reference),
                         in_shardings=(param_shardings, ref_shardings, rows))
     reference_logps = jax.jit(make_reference_logps(graphdef), in_shardings=(param_shardings, rows),
                               out_shardings=scalar)
     return TrainProgram(cfg, mesh, spec, execution, graphdef, split, settings, optimizer, schedule,
-                        layout_of(cfg.data.prefix_sharing), reference_model, data_parallel, abstract_state,
+                        layout_of(cfg.data.prefix_sharing), reference_model, sync, data_parallel, abstract_state,
                         abstract_reference, rows, train_step, eval_step, reference_logps)

@@ -178,14 +178,17 @@ class Trainer:
         ref_params, data = self.prepare_reference(params)
         if program.split.freezes_anything:
             log.info("freeze: %s", program.split.summary(params))
-        state, start = program.init_state(params), 0
+        state, start = program.init_state(params, ref_params), 0
+        if program.reference_sync:  # a moving reference (TR-DPO) is part of the state
+            ref_params = None
         batches = batch_iterator(data.train, data.schedule_fingerprint)
         saved_window: list[dict] = []
         if self.resume is not None:
             start, meta, restored = self._restore_intact(store)
             batches.restore(meta["data_iterator"], where=f"checkpoint {store.directory / str(start)}")
             state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), program.abstract_state["step"].sharding),
-                     "params": restored["params"], "opt_state": restored["opt_state"]}
+                     "params": restored["params"], "opt_state": restored["opt_state"],
+                     **({"reference": restored["reference"]} if "reference" in state else {})}
             saved_window = meta.get("log_window", [])
             log.info("resuming from %s at step %d", store.directory / str(start), start)
         metrics_log = MetricsLog(self.run_dir, self.total_steps, start, enabled=self.is_main)
@@ -210,7 +213,8 @@ class Trainer:
             try:
                 meta = store.read_meta(step)
                 check_resumable(self.cfg, meta["config"], f"checkpoint {where}")
-                restored, error = store.restore(step, abstract["params"], abstract["opt_state"]), None
+                restored = store.restore(step, abstract["params"], abstract["opt_state"], abstract.get("reference"))
+                error = None
             except ConfigError:
                 raise
             except Exception as err:  # whatever the storage layer raises for a damaged file
@@ -238,7 +242,7 @@ class Trainer:
 
         def evaluate_at(step: int) -> dict:
             row = {"step": step, "epoch": data.train.schedule.epoch_at(step),
-                   **evaluate(program, state["params"], ref_params, data.eval)}
+                   **evaluate(program, state["params"], state.get("reference", ref_params), data.eval)}
             metrics_log.write(row)
             return row
 
@@ -262,7 +266,7 @@ class Trainer:
                 eval_row = evaluate_at(step)
             if trainer.save_every and step % trainer.save_every == 0:
                 self._check_finite(*pending)
-                store.save(step, state["params"], state["opt_state"], self.meta(batches, window))
+                self._save(store, step, state, batches, window)
             signum = stop_requested(self._received)
             if signum is not None:
                 self._stop(signum, step, state, window, pending, store, batches)
@@ -276,16 +280,20 @@ class Trainer:
         elif data.eval is not None and eval_row.get("step") != self.total_steps:
             eval_row = evaluate_at(self.total_steps)
         if store.latest_step() != self.total_steps:
-            store.save(self.total_steps, state["params"], state["opt_state"], self.meta(batches, window))
+            self._save(store, self.total_steps, state, batches, window)
         store.wait()
         return state, last_row, eval_row
+
+    def _save(self, store: CheckpointStore, step: int, state: dict, batches: BatchIterator,
+              window: list[dict]) -> None:
+        store.save(step, state["params"], state["opt_state"], self.meta(batches, window), state.get("reference"))
 
     def _stop(self, signum: int, step: int, state: dict, window: list[dict], pending: tuple, store: CheckpointStore,
               batches: BatchIterator) -> None:
         """Checkpoints step `step` (unless it is saved already) and raises Preempted."""
         self._check_finite(*pending)
         if store.latest_step() != step:
-            store.save(step, state["params"], state["opt_state"], self.meta(batches, window))
+            self._save(store, step, state, batches, window)
         store.wait()
         raise Preempted(f"stopped by {signal.Signals(signum).name} at step {step} of {self.total_steps}; checkpoint "
                         f"{store.directory / str(step)} is saved; run the same command again to resume", signum)

@@ -67,7 +67,7 @@ class CheckpointStore:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=True,
                                                enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("params", "opt_state", "meta"))
+                                             item_names=("params", "opt_state", "meta", "reference"))
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -76,13 +76,16 @@ class CheckpointStore:
         """The complete checkpoints' steps, newest first."""
         return sorted(self.manager.all_steps(), reverse=True)
 
-    def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
+    def save(self, step: int, params: Any, opt_state: Any, meta: dict, reference: Any = None) -> None:
+        """`reference`: the reference weights of a run whose reference moves (TR-DPO), else None."""
         if step in self.manager.all_steps():
             raise FileExistsError(f"checkpoint for step {step} already exists in {self.directory}; not overwriting")
+        items = dict(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                     meta=ocp.args.JsonSave({**meta, "step": step}))
+        if reference is not None:
+            items["reference"] = ocp.args.StandardSave(reference)
         with self._storage_errors():
-            self.manager.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave({**meta, "step": step})))
+            self.manager.save(step, args=ocp.args.Composite(**items))
 
     def wait(self) -> None:
         with self._storage_errors():
@@ -101,11 +104,15 @@ class CheckpointStore:
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None) -> dict:
-        """Restores params (and opt_state when its abstract tree is given) with their shardings."""
+    def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any = None,
+                abstract_reference: Any = None) -> dict:
+        """Restores params (and opt_state, and a moving reference, when their abstract trees are given) with
+        their shardings."""
         items = {"params": ocp.args.StandardRestore(abstract_params)}
         if abstract_opt_state is not None:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        if abstract_reference is not None:
+            items["reference"] = ocp.args.StandardRestore(abstract_reference)
         return dict(self.manager.restore(step, args=ocp.args.Composite(**items)).items())
 
     def set_aside(self, step: int, move: bool = True) -> None:

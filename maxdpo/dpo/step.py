@@ -176,14 +176,31 @@ def split_micro_batches(batch: Batch, num_micro: int) -> Batch:
     return jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
 
 
+@dataclasses.dataclass(frozen=True)
+class ReferenceSync:
+    """TR-DPO (Gorbatovski et al. 2024), TRL's `sync_ref_model`: after every `steps`-th update the reference
+    becomes alpha x policy + (1 - alpha) x reference (computed in fp32, kept in the reference's dtypes)."""
+    steps: int
+    alpha: float
+
+    def __call__(self, step: jax.Array, reference: dict, params: dict) -> dict:
+        """The reference after update number `step`."""
+        def mix(tree):
+            return jax.tree.map(lambda r, p: (self.alpha * p.astype(jnp.float32)
+                                              + (1 - self.alpha) * r.astype(jnp.float32)).astype(r.dtype),
+                                tree, params)
+        return jax.lax.cond(step % self.steps == 0, mix, lambda tree: tree, reference)
+
+
 def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, num_micro: int, split: TrainableSplit,
-                    base_reference: bool = False) -> Callable:
+                    base_reference: bool = False, sync: Optional[ReferenceSync] = None) -> Callable:
     """train_step(state, ref_params, batch) -> (state, metrics); state = {step, params, opt_state}.
 
     The optimizer sees only `split.trainable(params)`; `ref_params` is None when the batch carries
     precomputed reference logps, or with `base_reference` (LoRA): the reference is then the policy's own
-    weights with the adapters off, no second copy.
+    weights with the adapters off, no second copy. With `sync` (TR-DPO) the reference is part of the state
+    (`state["reference"]`, moved by `sync` after the update) and `ref_params` is None.
     """
 
     def micro_step(trainable, frozen, ref_params, micro, scales):
@@ -200,6 +217,8 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
 
     def train_step(state: dict[str, Any], ref_params: Optional[dict], batch: Batch) -> tuple[dict, dict]:
         trainable, frozen = split.trainable(state["params"]), split.frozen(state["params"])
+        if sync:
+            ref_params = state["reference"]
         scales = token_scales(batch, settings)
 
         def accumulate(carry, micro):
@@ -219,6 +238,8 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state["step"])
         new_state = {"step": state["step"] + 1, "params": split.merge(trainable, frozen), "opt_state": opt_state}
+        if sync:
+            new_state["reference"] = sync(new_state["step"], state["reference"], new_state["params"])
         return new_state, metrics
 
     return train_step
