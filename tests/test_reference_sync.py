@@ -2,13 +2,12 @@
 exactly; what it cannot combine with is refused. Its values against TRL's `sync_ref_model` are in
 test_trl_run_parity.py."""
 import json
-import shutil
 
 import pytest
 
-from maxdpo import train
 from maxdpo.config import ConfigError
 from maxdpo.configure import load_config
+from test_train_e2e import whole_and_resumed
 
 
 def _rows(run_dir):
@@ -22,13 +21,8 @@ def test_a_tr_dpo_run_resumes_with_its_moved_reference(tmp_path):
     args = ["trainer.max_steps=6", "trainer.batch_size=8", "trainer.log_every=1", "trainer.save_every=3",
             "data.eval=null", "optimizer.learning_rate=1e-2", "optimizer.warmup_ratio=0",
             "reference.sync_steps=2", "reference.mixup_alpha=0.5"]
-    assert train.main(args + [f"run.output_dir={tmp_path / 'whole'}"]) == 0
-    resumed = tmp_path / "resumed"
-    assert train.main(args + [f"run.output_dir={resumed}"]) == 0
-    shutil.rmtree(resumed / "checkpoints" / "6")
-    shutil.rmtree(resumed / "hf")
-    assert train.main(args + [f"run.output_dir={resumed}"]) == 0
-    assert _rows(resumed) == _rows(tmp_path / "whole")
+    whole, resumed = whole_and_resumed(tmp_path, args, 6)
+    assert _rows(resumed) == _rows(whole)
 
 
 @pytest.mark.parametrize("options,message", [

@@ -174,19 +174,26 @@ def test_default_job_learns_held_out_preferences(tmp_path):
     assert np.abs(np.asarray(maxdpo.load_pretrained(run_dir / "hf")(ids)) - theirs).max() < 1e-4
 
 
+def whole_and_resumed(tmp_path, args: list[str], last_step: int):
+    """(run folder, run folder): `args` run through, and run through then rerun after losing its last
+    checkpoint (step `last_step`) and export, so that it resumes from the checkpoint before."""
+    import shutil
+    assert train.main(args + [f"run.output_dir={tmp_path / 'whole'}"]) == 0
+    resumed = tmp_path / "resumed"
+    assert train.main(args + [f"run.output_dir={resumed}"]) == 0
+    shutil.rmtree(resumed / "checkpoints" / str(last_step))
+    shutil.rmtree(resumed / "hf")
+    assert train.main(args + [f"run.output_dir={resumed}"]) == 0
+    return tmp_path / "whole", resumed
+
+
 def test_resume_continues_exactly(tmp_path):
     """Losing everything after the step-3 checkpoint and rerunning gives the uninterrupted run's results, with
     bf16 weights and moments too (their stochastic rounding draws its bits from the step; fp32 runs resume
     bitwise in test_kill_resume)."""
-    import shutil
     args = ["trainer.max_steps=6", "trainer.batch_size=8", "trainer.log_every=1", "trainer.save_every=3",
             "data.eval=null", "model.param_dtype=bfloat16", "optimizer.moment_dtype=bfloat16"]
-    assert train.main(args + [f"run.output_dir={tmp_path / 'whole'}"]) == 0
-    resumed = tmp_path / "resumed"
-    assert train.main(args + [f"run.output_dir={resumed}"]) == 0
-    shutil.rmtree(resumed / "checkpoints" / "6")
-    shutil.rmtree(resumed / "hf")
-    assert train.main(args + [f"run.output_dir={resumed}"]) == 0
+    _, resumed = whole_and_resumed(tmp_path, args, 6)
     drop = {"tokens_per_sec"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
     assert strip(_rows(resumed)) == strip(_rows(tmp_path / "whole"))
