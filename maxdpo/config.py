@@ -15,7 +15,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -97,7 +97,8 @@ class DataConfig:
 
 @dataclasses.dataclass
 class DPOConfig:
-    loss: str = "sigmoid"
+    loss: Union[list, str] = "sigmoid"  # a name, or a list of names summed with loss_weights (TRL's loss_type)
+    loss_weights: Optional[list] = None  # one weight per listed loss (default 1 each)
     beta: float = 0.1
     label_smoothing: float = 0.0
     dpop_lambda: float = 50.0
@@ -107,6 +108,16 @@ class DPOConfig:
     f_alpha_divergence_coef: float = 0.5  # α of alpha_divergence
     sft_weight: float = 0.0
     router_aux_coef: float = 0.0
+
+    @property
+    def objective(self) -> Union[str, tuple]:
+        """`loss` as the steps take it: a name, or ((name, weight), ...) for a list of several."""
+        if isinstance(self.loss, str):
+            return self.loss
+        if len(self.loss) == 1 and not self.loss_weights:
+            return self.loss[0]
+        weights = self.loss_weights or [1.0] * len(self.loss)
+        return tuple((name, float(weight)) for name, weight in zip(self.loss, weights))
 
 
 @dataclasses.dataclass
@@ -248,7 +259,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for candidate in inner[:-1]:  # the first type that takes the value; the last one's error otherwise
+            try:
+                return _coerce(value, candidate, key)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key)
     expected = origin or annotation
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

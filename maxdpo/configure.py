@@ -6,7 +6,7 @@ from typing import Optional
 
 from maxdpo.config import Config, ConfigError, check_choice, config_from_dict, read_config
 from maxdpo.data.templates import BUILTIN_TEMPLATES
-from maxdpo.dpo.losses import F_DIVERGENCES, LOSSES
+from maxdpo.dpo.losses import F_DIVERGENCES, LOSSES, loss_record
 from maxdpo.dpo.optim import DECAYS
 from maxdpo.kernels import ATTENTION_IMPLEMENTATIONS
 from maxdpo.models.moe import EXPERT_IMPLEMENTATIONS
@@ -18,7 +18,6 @@ REGISTRIES = {
     "model.attention": ATTENTION_IMPLEMENTATIONS,
     "model.moe_impl": EXPERT_IMPLEMENTATIONS,
     "model.remat": ("none", *REMAT_POLICIES),
-    "dpo.loss": LOSSES,
     "dpo.f_divergence_type": F_DIVERGENCES,
     "optimizer.schedule": DECAYS,
 }
@@ -31,10 +30,31 @@ def _check_chat_template(template: str) -> None:
                           f"template string, got {template!r}")
 
 
+def _check_loss_list(dpo) -> None:
+    """`dpo.loss` names known losses; a list of several combines DPOTrainer's (a reference-free pair loss trains
+    under another TRL trainer and is not mixed), with `loss_weights` one non-negative weight per name."""
+    names = [dpo.loss] if isinstance(dpo.loss, str) else dpo.loss
+    unknown = [name for name in names if name not in LOSSES]
+    if unknown or not names:
+        raise ConfigError(f"config key 'dpo.loss' must be one of {list(LOSSES)} or a list of them, got {dpo.loss!r}")
+    if dpo.loss_weights is not None:
+        if isinstance(dpo.loss, str) or len(dpo.loss_weights) != len(dpo.loss):
+            raise ConfigError(f"config key 'dpo.loss_weights' needs one weight per loss of a dpo.loss list; got "
+                              f"{dpo.loss_weights} for {dpo.loss!r}")
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in dpo.loss_weights):
+            raise ConfigError(f"config key 'dpo.loss_weights' must be numbers >= 0, got {dpo.loss_weights}")
+    if len(names) > 1:
+        alone = [name for name in names if not LOSSES[name].needs_reference and not LOSSES[name].completions]
+        if alone:
+            raise ConfigError(f"dpo.loss {alone} train without a reference (TRL's CPOTrainer / ORPOTrainer) and are "
+                              "not mixed with other losses; use one of them alone")
+
+
 def _check_loss(cfg: Config) -> None:
     """The loss's record says which hyper-parameters it reads and needs, and whether it has a reference."""
-    name, dpo = cfg.dpo.loss, cfg.dpo
-    loss = LOSSES[name]
+    dpo = cfg.dpo
+    _check_loss_list(dpo)
+    name, loss = dpo.loss, loss_record(dpo.objective)
     if dpo.label_smoothing and "label_smoothing" not in loss.reads:
         readers = [other for other, record in LOSSES.items() if "label_smoothing" in record.reads]
         raise ConfigError(f"config key 'dpo.label_smoothing' is used by the losses {readers} only; dpo.loss "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from maxdpo.atomic import write_text
 from maxdpo.config import Config
-from maxdpo.dpo.losses import LOSSES
+from maxdpo.dpo.losses import loss_record
 from maxdpo.metrics_log import read_rows
 
 # (column title, eval metric) after Training Loss, Epoch, Step, in the Notux card's order.
@@ -67,8 +67,9 @@ def hyperparameters(cfg: Config, mesh: dict[str, int], data_parallel: int) -> li
     elif opt.warmup_ratio:
         lines.append(f"lr_scheduler_warmup_ratio: {opt.warmup_ratio:g}")
     lines += [f"num_epochs: {trainer.epochs}"] + ([f"training_steps: {trainer.max_steps}"] if trainer.max_steps > 0 else [])
-    lines += [f"max_grad_norm: {opt.max_grad_norm:g}", f"loss: {dpo.loss}", f"beta: {dpo.beta:g}"]
-    lines += [f"{key}: {getattr(dpo, key):g}" for key in LOSSES[dpo.loss].reads if getattr(dpo, key)]
+    lines += [f"max_grad_norm: {opt.max_grad_norm:g}", f"loss: {dpo.loss}", *([f"loss_weights: {dpo.loss_weights}"] if dpo.loss_weights else []),
+              f"beta: {dpo.beta:g}"]
+    lines += [f"{key}: {getattr(dpo, key):g}" for key in loss_record(dpo.objective).reads if getattr(dpo, key)]
     if dpo.f_divergence_type != "reverse_kl":
         lines.append(f"f_divergence_type: {dpo.f_divergence_type}" + (
             f", f_alpha_divergence_coef: {dpo.f_alpha_divergence_coef:g}"
@@ -91,12 +92,12 @@ def render(cfg: Config, rows: list[dict], mesh: dict[str, int], data_parallel: i
     base = cfg.model.path or f"a randomly initialised {cfg.model.family} model"
     data = cfg.data.train
     front = ["---", "library_name: transformers", *([f"base_model: {cfg.model.path}"] if cfg.model.path else []),
-             "tags:", "- maxdpo", "- dpo", f"- {cfg.dpo.loss}", *(["- lora"] if cfg.lora.rank else []),
+             "tags:", "- maxdpo", "- dpo", *(f"- {name}" for name in ([cfg.dpo.loss] if isinstance(cfg.dpo.loss, str) else cfg.dpo.loss)), *(["- lora"] if cfg.lora.rank else []),
              *(["- qlora"] if cfg.lora.quantize else []), "datasets:", f"- {data}", "model-index:",
              f"- name: {cfg.run.name}", "  results: []", "---"]
     body = [f"# {cfg.run.name}",
             f"This model is a preference-tuned version of {base} on {data} using "
-            f"{LOSSES[cfg.dpo.loss].title}, trained with maxdpo (JAX).",
+            f"{loss_record(cfg.dpo.objective).title}, trained with maxdpo (JAX).",
             *([ADAPTER_NOTE] if cfg.lora.rank else []),
             "## Training procedure", "### Training hyperparameters",
             "The following hyperparameters were used during training:",

@@ -46,10 +46,23 @@ def test_unknown_key_names_closest():
     ("dpo.loss=dpop dpo.f_divergence_type=js_divergence", "applies to the losses .*'dpop' takes the log-ratios"),
     ("dpo.loss=discopop dpo.discopop_tau=0", "'discopop' needs dpo.discopop_tau > 0"),
     ("dpo.f_alpha_divergence_coef=0", "f_alpha_divergence_coef' must be > 0"),
+    ("dpo.loss=[sigmoid,nope]", "dpo.loss' must be one of .* or a list of them"),
+    ("dpo.loss=[sigmoid,simpo]", "\\['simpo'\\] train without a reference .* not mixed"),
+    ("dpo.loss_weights=[1.0]", "one weight per loss of a dpo.loss list"),
+    ("dpo.loss=[sigmoid,sft] dpo.loss_weights=[1.0]", "one weight per loss"),
+    ("dpo.loss=[sigmoid,sft] dpo.loss_weights=[1.0,-1]", "numbers >= 0"),
+    ("dpo.loss=[sigmoid,nca_pair] dpo.f_divergence_type=js_divergence", "applies to the losses"),
 ])
 def test_bad_values_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, override.split())
+
+
+def test_a_loss_list_is_weighted_terms():
+    cfg = load_config(None, ["dpo.loss=[sigmoid,bco_pair,sft]", "dpo.loss_weights=[0.8,0.2,1]"])
+    assert cfg.dpo.objective == (("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0))
+    assert load_config(None, ["dpo.loss=[ipo]"]).dpo.objective == "ipo"
+    assert load_config(None, ["dpo.loss=[ipo,sft]"]).dpo.objective == (("ipo", 1.0), ("sft", 1.0))
 
 
 def test_override_parsing_and_key_list():

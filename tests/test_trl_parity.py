@@ -64,6 +64,9 @@ OPTION_CASES = [
     ("hinge", 2.0, 0.0, 0.0, {"f_divergence_type": "alpha_divergence"}),
     ("sigmoid_norm", 0.3, 0.0, 0.0, {"f_divergence_type": "forward_kl"}),
     ("discopop", 0.3, 0.0, 0.0, {"f_divergence_type": "js_divergence"}),
+    # weighted lists (TRL's loss_type + loss_weights): MPO's, and two f-DPO terms
+    ((("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)), 0.3, 0.0, 0.0, {}),
+    ((("sigmoid", 1.0), ("hinge", 0.3)), 0.3, 0.0, 0.0, {"f_divergence_type": "js_divergence"}),
 ]
 
 
@@ -74,7 +77,10 @@ def tokenizer():
 
 def trl_step(policy_hf, ref_hf, tokenizer, tmp, loss, beta, smoothing, sft_weight, aux_coef=None, **options):
     """TRL's first training batch, its compute_loss (backward for the gradient norm) and logged metrics."""
-    loss_type, weights = ([loss, "sft"], [1.0, sft_weight]) if sft_weight else ([loss], None)
+    if isinstance(loss, tuple):  # weighted terms
+        loss_type, weights = [name for name, _ in loss], [weight for _, weight in loss]
+    else:
+        loss_type, weights = ([loss, "sft"], [1.0, sft_weight]) if sft_weight else ([loss], None)
     args = trl.DPOConfig(output_dir=str(tmp / "trl"), loss_type=loss_type, loss_weights=weights, beta=beta,
                          label_smoothing=smoothing, per_device_train_batch_size=len(ROWS), report_to=[],
                          use_cpu=True, bf16=False, max_length=32,

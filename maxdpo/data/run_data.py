@@ -18,7 +18,7 @@ from maxdpo.data.loader import BatchBuilder, BatchPlan, eval_schedule, training_
 from maxdpo.data.pipeline import PreparedData, prepare_pairs
 from maxdpo.data.sources import DataError, resolve_path
 from maxdpo.data.templates import resolve_template
-from maxdpo.dpo.losses import LOSSES
+from maxdpo.dpo.losses import loss_record
 from maxdpo.export_folder import TOKENIZER_FILES
 
 
@@ -70,7 +70,7 @@ def check_token_ids(prepared: PreparedData, source: str, vocab_size: int) -> Non
 
 def prepare_data(source: str, split: str, cfg: Config, tokenizer) -> PreparedData:
     """Tokenised pairs of a data source (cached on disk; progress shown by the first process)."""
-    return prepare_pairs(source, split, cfg.data, tokenizer, sft=LOSSES[cfg.dpo.loss].completions,
+    return prepare_pairs(source, split, cfg.data, tokenizer, sft=loss_record(cfg.dpo.objective).completions,
                          show_progress=jax.process_index() == 0)
 
 

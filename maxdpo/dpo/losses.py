@@ -287,14 +287,40 @@ LOSSES: dict[str, Loss] = {
                  sequence_nll=True, metrics=orpo_metrics),
 }
 LOSS_NAMES = tuple(LOSSES)
+Terms = tuple[tuple[str, float], ...]  # a weighted list of losses: ((name, weight), ...)
 
 
-def preference_loss(name: str, x: PairLogps, hyper: LossHyper, sft_weight: float = 0.0) -> jax.Array:
-    """Per-pair loss [B]: `name`'s, plus `sft_weight` × the SFT term (TRL's loss_type=[name, "sft"])."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown dpo.loss {name!r}; supported: {list(LOSS_NAMES)}")
+def mixture(terms: Terms) -> Loss:
+    """One record for TRL's weighted list of DPOTrainer losses (`loss_type` with `loss_weights`; MPO): the
+    per-pair loss sum_k w_k loss_k, with every hyper-parameter a term reads or needs; f-DPO's divergence only
+    when every term takes it (`sft` aside, as TRL)."""
+    records = [LOSSES[name] for name, _ in terms]
+
+    def weighted(x: PairLogps, h: LossHyper) -> jax.Array:
+        return sum(weight * LOSSES[name].fn(x, h) for name, weight in terms)
+
+    return Loss(weighted, " + ".join(f"{weight:g} x {record.title}" for (_, weight), record in zip(terms, records)),
+                reads=tuple(dict.fromkeys(key for record in records for key in record.reads)),
+                requires=tuple(dict.fromkeys(key for record in records for key in record.requires)),
+                needs_reference=any(record.needs_reference for record in records),
+                f_divergence=all(record.f_divergence or name == "sft" for (name, _), record in zip(terms, records)))
+
+
+def loss_record(loss: str | Terms) -> Loss:
+    """The record of a loss name or of a weighted list of losses."""
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise ValueError(f"unknown dpo.loss {loss!r}; supported: {list(LOSS_NAMES)}")
+        return LOSSES[loss]
+    return mixture(loss)
+
+
+def preference_loss(loss: str | Terms, x: PairLogps, hyper: LossHyper, sft_weight: float = 0.0) -> jax.Array:
+    """Per-pair loss [B]: that of `loss` (a name or weighted terms), plus `sft_weight` × the SFT term (TRL's
+    loss_type=[name, "sft"])."""
+    record = loss_record(loss)
     x = PairLogps(*(jnp.asarray(value, jnp.float32) for value in x))
-    losses = LOSSES[name].fn(x, hyper)
+    losses = record.fn(x, hyper)
     if sft_weight:
         losses = losses + sft_weight * sft_loss(x, hyper)
     return losses

@@ -20,7 +20,7 @@ from maxdpo.data.batch import Batch
 from maxdpo.dpo.logps import completion_logps, next_token_labels, shared_completion_logps, token_stats
 from maxdpo.dpo import low_precision
 from maxdpo.dpo.freeze import TrainableSplit
-from maxdpo.dpo.losses import LOSSES, LossHyper, PairLogps, preference_loss
+from maxdpo.dpo.losses import LossHyper, PairLogps, Terms, loss_record, preference_loss
 from maxdpo.kernels.attention_blocks import PREFIX_GROUP
 from maxdpo.models.lora import adapters_off
 
@@ -33,7 +33,7 @@ SFT_METRICS = ("loss", "logps/chosen", "logits/chosen", "aux_loss")
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
-    loss: str
+    loss: str | Terms  # a loss name, or weighted terms (TRL's loss_type list with loss_weights)
     hyper: LossHyper
     sft_weight: float = 0.0  # adds sft_weight x the NLL of the chosen completions (TRL: loss_type=[loss, "sft"])
     router_aux_coef: float = 0.0  # MoE models: adds coef * router load-balancing loss to each pair's loss
@@ -42,17 +42,17 @@ class LossSettings:
     def uses_reference(self) -> bool:
         """False for reference-free losses (SFT, CPO, SimPO): no reference weights, forward pass or precomputed
         logps."""
-        return LOSSES[self.loss].needs_reference
+        return loss_record(self.loss).needs_reference
 
     @property
     def sequence_nll(self) -> bool:
         """The loss needs the chosen sequences' NLL with their prompts (ORPO)."""
-        return LOSSES[self.loss].sequence_nll
+        return loss_record(self.loss).sequence_nll
 
     @property
     def sft(self) -> bool:
         """Trains on single completions (no rejected side, no rewards to log)."""
-        return LOSSES[self.loss].completions
+        return loss_record(self.loss).completions
 
 
 def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch,
@@ -133,7 +133,7 @@ def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair
     losses = preference_loss(settings.loss, logps, settings.hyper, settings.sft_weight)  # [B]
     if "aux_loss" in policy:
         losses = losses + settings.router_aux_coef * policy["aux_loss"]
-    loss = LOSSES[settings.loss]
+    loss = loss_record(settings.loss)
     extra = loss.metrics(logps, settings.hyper) if loss.metrics else {}
     if loss.mean_logps:
         logps = logps._replace(policy_chosen=logps.chosen_means, policy_rejected=logps.rejected_means)
