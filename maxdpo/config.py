@@ -106,6 +106,7 @@ class DPOConfig:
     discopop_tau: float = 0.05  # DiscoPOP's modulation temperature τ
     f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence
     f_alpha_divergence_coef: float = 0.5  # α of alpha_divergence
+    ld_alpha: Optional[float] = None  # LD-DPO: weight of the longer completion's tokens past the shorter's length
     sft_weight: float = 0.0
     router_aux_coef: float = 0.0
 
@@ -437,6 +438,8 @@ def check_values(cfg: Config) -> None:
     if cfg.dpo.f_alpha_divergence_coef <= 0:
         raise ConfigError("config key 'dpo.f_alpha_divergence_coef' must be > 0, got "
                           f"{cfg.dpo.f_alpha_divergence_coef}")
+    if cfg.dpo.ld_alpha is not None and not 0.0 <= cfg.dpo.ld_alpha <= 1.0:
+        raise ConfigError(f"config key 'dpo.ld_alpha' must be in [0, 1] (null: off), got {cfg.dpo.ld_alpha}")
     if cfg.reference.sync_steps < 0:
         raise ConfigError(f"config key 'reference.sync_steps' must be >= 0 (0: no sync), got {cfg.reference.sync_steps}")
     if not 0.0 < cfg.reference.mixup_alpha <= 1.0:

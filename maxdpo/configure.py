@@ -66,6 +66,11 @@ def _check_loss(cfg: Config) -> None:
         readers = [other for other, record in LOSSES.items() if record.f_divergence]
         raise ConfigError(f"config key 'dpo.f_divergence_type' ({dpo.f_divergence_type}) applies to the losses "
                           f"{readers} only; dpo.loss '{name}' takes the log-ratios themselves")
+    if dpo.ld_alpha is not None and (cfg.data.prefix_sharing or cfg.reference.precompute or loss.completions
+                                     or not loss.needs_reference):
+        raise ConfigError("dpo.ld_alpha (LD-DPO) weighs the policy's and the reference's log-probs of each pair as "
+                          "they are computed on device; it works with paired reference losses without "
+                          "data.prefix_sharing or reference.precompute")
     if loss.sequence_nll and cfg.data.prefix_sharing:
         raise ConfigError(f"dpo.loss '{name}' takes the NLL of each chosen sequence with its prompt, which "
                           "data.prefix_sharing does not keep per sequence; unset data.prefix_sharing")

@@ -52,6 +52,10 @@ def test_unknown_key_names_closest():
     ("dpo.loss=[sigmoid,sft] dpo.loss_weights=[1.0]", "one weight per loss"),
     ("dpo.loss=[sigmoid,sft] dpo.loss_weights=[1.0,-1]", "numbers >= 0"),
     ("dpo.loss=[sigmoid,nca_pair] dpo.f_divergence_type=js_divergence", "applies to the losses"),
+    ("dpo.ld_alpha=1.5", "dpo.ld_alpha' must be in \\[0, 1\\]"),
+    ("dpo.ld_alpha=0.5 data.prefix_sharing=true", "without data.prefix_sharing or reference.precompute"),
+    ("dpo.ld_alpha=0.5 reference.precompute=true", "without data.prefix_sharing or reference.precompute"),
+    ("dpo.ld_alpha=0.5 dpo.loss=simpo", "works with paired reference losses"),
 ])
 def test_bad_values_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -18,6 +18,7 @@ OBJECTIVES = {
     "f-dpo": ["dpo.loss=sigmoid", "dpo.f_divergence_type=alpha_divergence", "dpo.f_alpha_divergence_coef=0.3"],
     "mpo": ["dpo.loss=[sigmoid, bco_pair, sft]", "dpo.loss_weights=[0.8, 0.2, 1.0]"],
     "tr-dpo": ["reference.sync_steps=2", "reference.mixup_alpha=0.6"],
+    "ld-dpo": ["dpo.ld_alpha=0.5"],
 }
 
 

@@ -67,6 +67,9 @@ OPTION_CASES = [
     # weighted lists (TRL's loss_type + loss_weights): MPO's, and two f-DPO terms
     ((("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)), 0.3, 0.0, 0.0, {}),
     ((("sigmoid", 1.0), ("hinge", 0.3)), 0.3, 0.0, 0.0, {"f_divergence_type": "js_divergence"}),
+    # LD-DPO: the longer completion's tail weighted by ld_alpha, in the policy's and the reference's logps
+    ("sigmoid", 0.3, 0.0, 0.0, {"ld_alpha": 0.5}),
+    ("ipo", 0.5, 0.0, 0.3, {"ld_alpha": 0.0}),
 ]
 
 
@@ -120,7 +123,8 @@ def maxdpo_step(tmp, batch, loss, beta, smoothing, sft_weight, aux_coef=0.0, num
     graphdef, params = maxdpo_params(tmp / "policy")
     _, ref_params = maxdpo_params(tmp / "ref")
     spec = nnx.merge(graphdef, params).spec
-    settings = LossSettings(loss, LossHyper(beta, smoothing, **options), sft_weight, aux_coef)
+    ld_alpha = options.pop("ld_alpha", None)  # a setting of the log-probs, not of the loss
+    settings = LossSettings(loss, LossHyper(beta, smoothing, **options), sft_weight, aux_coef, ld_alpha)
     split = trainable_split(spec, get_family(spec.family), FreezeConfig())
     tx = optax.sgd(1e-3)
     step = jax.jit(make_train_step(graphdef, settings, tx, optax.constant_schedule(1e-3), num_micro, split))

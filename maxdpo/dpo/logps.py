@@ -75,6 +75,20 @@ def completion_logps(stats: dict, completion_mask: jax.Array, segment_ids: jax.A
             per_segment(jnp.ones_like(mask)))
 
 
+def length_desensitised_weights(completion_mask: jax.Array, segment_ids: jax.Array, num_segments: int,
+                                 alpha: float) -> jax.Array:
+    """LD-DPO (Liu et al. 2024) as TRL's `ld_alpha`: [2B, T] weights for pair rows (chosen, rejected of a pair
+    adjacent): 1 on the first min(|y_w|, |y_l|) completion tokens of each sequence, alpha on the longer one's
+    tail, 0 off the completions; `completion_logps` with them as the mask sums shared + alpha * tail."""
+    mask = completion_mask.astype(jnp.float32)  # [2B, T]
+    segments = (segment_ids[..., None] == jnp.arange(1, num_segments + 1)).astype(jnp.float32)  # [2B, T, S]
+    position = jnp.cumsum(mask[..., None] * segments, axis=1)  # [2B, T, S]: completion tokens so far
+    lengths = position[:, -1, :]  # [2B, S]
+    shared = jnp.repeat(jnp.minimum(lengths[0::2], lengths[1::2]), 2, axis=0)  # [2B, S], per pair
+    within = jnp.sum(segments * (position <= shared[:, None, :]), axis=-1)  # [2B, T]: 1 in the shared span
+    return mask * (within + alpha * (1 - within))
+
+
 def shared_completion_logps(stats: dict, completion_mask: jax.Array, segment_ids: jax.Array,
                             prefix_target: jax.Array, num_slots: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`completion_logps` for prefix-sharing rows (`maxdpo/data/prefix_sharing.py`).

@@ -24,6 +24,7 @@ class PairLogps(NamedTuple):
     sft_scale: jax.Array  # [] pairs / chosen completion tokens of the whole batch: turns a mean over pairs
     # of summed NLLs into TRL's mean over the batch's chosen tokens
     pair_mask: jax.Array = 1.0  # [B] 1 for real pairs, 0 for padding slots (losses over the batch: aot)
+    plain_chosen: Optional[jax.Array] = None  # [B] the chosen logps unweighted, where LD-DPO weighs policy_chosen
     chosen_sequence_nll: jax.Array = 0.0  # [B] ORPO: the chosen sequence's NLL, prompt included, x pairs / the
     # whole batch's chosen sequence tokens (so its mean over pairs is the NLL per token, as TRL's ORPOTrainer)
 
@@ -185,8 +186,9 @@ def aot_unpaired_loss(x: PairLogps, h: LossHyper) -> jax.Array:
 
 
 def sft_loss(x: PairLogps, h: LossHyper) -> jax.Array:
-    """NLL of the chosen completions; its mean over the batch's pairs is the mean NLL per chosen token (TRL)."""
-    return -x.policy_chosen * x.sft_scale
+    """NLL of the chosen completions (every token weighing 1, also under LD-DPO); its mean over the batch's pairs
+    is the mean NLL per chosen token (TRL)."""
+    return -(x.policy_chosen if x.plain_chosen is None else x.plain_chosen) * x.sft_scale
 
 
 def dpop_loss(x: PairLogps, h: LossHyper) -> jax.Array:
@@ -319,7 +321,7 @@ def preference_loss(loss: str | Terms, x: PairLogps, hyper: LossHyper, sft_weigh
     """Per-pair loss [B]: that of `loss` (a name or weighted terms), plus `sft_weight` × the SFT term (TRL's
     loss_type=[name, "sft"])."""
     record = loss_record(loss)
-    x = PairLogps(*(jnp.asarray(value, jnp.float32) for value in x))
+    x = PairLogps(*(None if value is None else jnp.asarray(value, jnp.float32) for value in x))
     losses = record.fn(x, hyper)
     if sft_weight:
         losses = losses + sft_weight * sft_loss(x, hyper)

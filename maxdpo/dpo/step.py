@@ -17,7 +17,8 @@ import optax
 from flax import nnx
 
 from maxdpo.data.batch import Batch
-from maxdpo.dpo.logps import completion_logps, next_token_labels, shared_completion_logps, token_stats
+from maxdpo.dpo.logps import (completion_logps, length_desensitised_weights, next_token_labels,
+                              shared_completion_logps, token_stats)
 from maxdpo.dpo import low_precision
 from maxdpo.dpo.freeze import TrainableSplit
 from maxdpo.dpo.losses import LossHyper, PairLogps, Terms, loss_record, preference_loss
@@ -37,6 +38,7 @@ class LossSettings:
     hyper: LossHyper
     sft_weight: float = 0.0  # adds sft_weight x the NLL of the chosen completions (TRL: loss_type=[loss, "sft"])
     router_aux_coef: float = 0.0  # MoE models: adds coef * router load-balancing loss to each pair's loss
+    ld_alpha: Optional[float] = None  # LD-DPO: completion logps = shared span + ld_alpha x the longer one's tail
 
     @property
     def uses_reference(self) -> bool:
@@ -55,13 +57,13 @@ class LossSettings:
         return loss_record(self.loss).completions
 
 
-def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch,
-                   sequence_nll: bool = False) -> dict[str, jax.Array]:
+def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch, sequence_nll: bool = False,
+                   ld_alpha: Optional[float] = None) -> dict[str, jax.Array]:
     """Forward pass over chosen and rejected rows ([B, 2, T]) or prefix-shared rows ([B, 1, T]): per-pair
     logps and logit sums, each [B*K, 2] for B rows of K pair slots; MoE models add the router
     load-balancing loss of the whole forward (`aux_loss`, a scalar, as transformers computes it);
-    `sequence_nll` adds `sequence_logps`, over every predicted token of each sequence, prompt included (two-row
-    layout)."""
+    `sequence_nll` adds `sequence_logps`, over every predicted token of each sequence, prompt included, and
+    `ld_alpha` weighs the logps as LD-DPO (`length_desensitised_weights`; both two-row layout only)."""
     rows, slots = batch.rows, batch.slots
     input_ids, segment_ids, completion_mask = (batch.flat(name) for name in
                                                ("input_ids", "segment_ids", "completion_mask"))  # [B*sides, T]
@@ -82,6 +84,10 @@ def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch,
             return values.reshape(rows, 2, slots).transpose(0, 2, 1).reshape(rows * slots, 2)
 
         stats = dict(zip(("logps", "logit_sums", "counts"), map(per_pair, sums)))
+        if ld_alpha is not None:
+            weights = length_desensitised_weights(completion_mask, segment_ids, slots, ld_alpha)
+            stats["plain_logps"] = stats["logps"]
+            stats["logps"] = per_pair(completion_logps(tokens, weights, segment_ids, slots)[0])
         if sequence_nll:
             whole = completion_logps(tokens, predicted_tokens(segment_ids), segment_ids, slots)[0]
             stats["sequence_logps"] = per_pair(whole)
@@ -98,7 +104,7 @@ def reference_stats(graphdef: nnx.GraphDef, ref_params: Optional[dict], batch: B
         return {"logps": jnp.zeros(batch.pair_mask.shape + (2,), jnp.float32).reshape(-1, 2)}
     if batch.ref_logps is not None:
         return {"logps": batch.ref_logps.reshape(-1, 2)}  # [B, K, 2] -> [B*K, 2]
-    return jax.lax.stop_gradient(sequence_stats(graphdef, ref_params, batch))
+    return jax.lax.stop_gradient(sequence_stats(graphdef, ref_params, batch, ld_alpha=settings.ld_alpha))
 
 
 def predicted_tokens(segment_ids: jax.Array) -> jax.Array:
@@ -129,7 +135,8 @@ def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair
     pair_mask = pair_mask.reshape(-1)  # [B, K] -> [B*K]
     logps = PairLogps(policy["logps"][:, 0], policy["logps"][:, 1], reference["logps"][:, 0],
                       reference["logps"][:, 1], policy["counts"][:, 0], policy["counts"][:, 1], scales["sft"],
-                      pair_mask=pair_mask, chosen_sequence_nll=sequence_nll)
+                      pair_mask=pair_mask, chosen_sequence_nll=sequence_nll,
+                      plain_chosen=policy["plain_logps"][:, 0] if "plain_logps" in policy else None)
     losses = preference_loss(settings.loss, logps, settings.hyper, settings.sft_weight)  # [B]
     if "aux_loss" in policy:
         losses = losses + settings.router_aux_coef * policy["aux_loss"]
@@ -209,7 +216,8 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
         reference = reference_stats(graphdef, ref_params, micro, settings)
 
         def loss_fn(p):
-            policy = sequence_stats(graphdef, split.merge(p, frozen), micro, settings.sequence_nll)
+            policy = sequence_stats(graphdef, split.merge(p, frozen), micro, settings.sequence_nll,
+                                    settings.ld_alpha)
             return pair_metric_sums(policy, reference, settings, micro.pair_mask, scales)
 
         (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -253,7 +261,7 @@ def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings, base_referenc
         if base_reference:
             ref_params = adapters_off(params)
         reference = reference_stats(graphdef, ref_params, batch, settings)
-        policy = sequence_stats(graphdef, params, batch, settings.sequence_nll)
+        policy = sequence_stats(graphdef, params, batch, settings.sequence_nll, settings.ld_alpha)
         return pair_metric_sums(policy, reference, settings, batch.pair_mask, token_scales(batch, settings))[1]
 
     return eval_step
