@@ -107,6 +107,7 @@ class DPOConfig:
     f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence
     f_alpha_divergence_coef: float = 0.5  # α of alpha_divergence
     ld_alpha: Optional[float] = None  # LD-DPO: weight of the longer completion's tokens past the shorter's length
+    use_weighting: bool = False  # WPO: weight each pair's loss by its completions' probabilities under the policy
     sft_weight: float = 0.0
     router_aux_coef: float = 0.0
 

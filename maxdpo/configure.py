@@ -71,6 +71,11 @@ def _check_loss(cfg: Config) -> None:
         raise ConfigError("dpo.ld_alpha (LD-DPO) weighs the policy's and the reference's log-probs of each pair as "
                           "they are computed on device; it works with paired reference losses without "
                           "data.prefix_sharing or reference.precompute")
+    names = [dpo.loss] if isinstance(dpo.loss, str) else dpo.loss
+    if dpo.use_weighting and (cfg.data.prefix_sharing or loss.completions or not loss.needs_reference
+                              or {"aot", "aot_unpaired"} & set(names)):
+        raise ConfigError("dpo.use_weighting (WPO) weighs the paired reference losses but aot and aot_unpaired (as "
+                          "TRL), and needs the two-row layout (unset data.prefix_sharing)")
     if loss.sequence_nll and cfg.data.prefix_sharing:
         raise ConfigError(f"dpo.loss '{name}' takes the NLL of each chosen sequence with its prompt, which "
                           "data.prefix_sharing does not keep per sequence; unset data.prefix_sharing")

@@ -67,7 +67,7 @@ def loss_settings(cfg: Config) -> LossSettings:
     dpo = cfg.dpo
     hyper = LossHyper(dpo.beta, dpo.label_smoothing, dpo.dpop_lambda, dpo.simpo_gamma, dpo.discopop_tau,
                       dpo.f_divergence_type, dpo.f_alpha_divergence_coef)
-    return LossSettings(dpo.objective, hyper, dpo.sft_weight, dpo.router_aux_coef, dpo.ld_alpha)
+    return LossSettings(dpo.objective, hyper, dpo.sft_weight, dpo.router_aux_coef, dpo.ld_alpha, dpo.use_weighting)
 
 
 def _abstract(tree, shardings):

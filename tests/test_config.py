@@ -56,6 +56,8 @@ def test_unknown_key_names_closest():
     ("dpo.ld_alpha=0.5 data.prefix_sharing=true", "without data.prefix_sharing or reference.precompute"),
     ("dpo.ld_alpha=0.5 reference.precompute=true", "without data.prefix_sharing or reference.precompute"),
     ("dpo.ld_alpha=0.5 dpo.loss=simpo", "works with paired reference losses"),
+    ("dpo.use_weighting=true dpo.loss=aot", "but aot and aot_unpaired"),
+    ("dpo.use_weighting=true data.prefix_sharing=true", "unset data.prefix_sharing"),
 ])
 def test_bad_values_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -19,6 +19,7 @@ OBJECTIVES = {
     "mpo": ["dpo.loss=[sigmoid, bco_pair, sft]", "dpo.loss_weights=[0.8, 0.2, 1.0]"],
     "tr-dpo": ["reference.sync_steps=2", "reference.mixup_alpha=0.6"],
     "ld-dpo": ["dpo.ld_alpha=0.5"],
+    "wpo": ["dpo.use_weighting=true"],
 }
 
 

@@ -70,6 +70,10 @@ OPTION_CASES = [
     # LD-DPO: the longer completion's tail weighted by ld_alpha, in the policy's and the reference's logps
     ("sigmoid", 0.3, 0.0, 0.0, {"ld_alpha": 0.5}),
     ("ipo", 0.5, 0.0, 0.3, {"ld_alpha": 0.0}),
+    # WPO: each pair's loss weighted by its completions' detached probabilities (TRL 1.16 fails on the in-place
+    # weighting of its expanded SFT term, so no sft_weight here)
+    ("sigmoid", 0.3, 0.0, 0.0, {"use_weighting": True}),
+    ("ipo", 0.5, 0.0, 0.0, {"use_weighting": True, "ld_alpha": 0.5}),
 ]
 
 
@@ -123,8 +127,10 @@ def maxdpo_step(tmp, batch, loss, beta, smoothing, sft_weight, aux_coef=0.0, num
     graphdef, params = maxdpo_params(tmp / "policy")
     _, ref_params = maxdpo_params(tmp / "ref")
     spec = nnx.merge(graphdef, params).spec
-    ld_alpha = options.pop("ld_alpha", None)  # a setting of the log-probs, not of the loss
-    settings = LossSettings(loss, LossHyper(beta, smoothing, **options), sft_weight, aux_coef, ld_alpha)
+    # settings of the log-probs, not of the loss
+    ld_alpha, use_weighting = options.pop("ld_alpha", None), options.pop("use_weighting", False)
+    settings = LossSettings(loss, LossHyper(beta, smoothing, **options), sft_weight, aux_coef, ld_alpha,
+                            use_weighting)
     split = trainable_split(spec, get_family(spec.family), FreezeConfig())
     tx = optax.sgd(1e-3)
     step = jax.jit(make_train_step(graphdef, settings, tx, optax.constant_schedule(1e-3), num_micro, split))

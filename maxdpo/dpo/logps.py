@@ -16,10 +16,11 @@ from maxdpo.kernels.attention_blocks import PREFIX_GROUP
 
 
 def token_stats(project: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array,
-                extra_labels: Optional[jax.Array] = None, chunk: int = 0) -> dict[str, jax.Array]:
+                extra_labels: Optional[jax.Array] = None, chunk: int = 0,
+                sum_sq: bool = False) -> dict[str, jax.Array]:
     """Per position of hidden [R, T, D]: `label_logps` log p(labels) [R, T], `extra_logps` log p(extra_labels)
-    (when given; negative labels read as 0, mask them), `mean_logit` [R, T]. chunk: positions per vocab
-    projection (0: all at once)."""
+    (when given; negative labels read as 0, mask them), `mean_logit` [R, T], and with `sum_sq` `log_sum_sq`,
+    log sum_v p_v^2 (WPO's weights). chunk: positions per vocab projection (0: all at once)."""
     extra = labels if extra_labels is None else extra_labels
 
     def stats(x, label, second):  # [R, c, D], [R, c], [R, c]
@@ -28,7 +29,8 @@ def token_stats(project: Callable[[jax.Array], jax.Array], hidden: jax.Array, la
 
         def log_prob(ids):
             return jnp.take_along_axis(logits, jnp.maximum(ids, 0)[..., None], axis=-1)[..., 0] - log_norm
-        return log_prob(label), log_prob(second), jnp.mean(logits, axis=-1)
+        values = (log_prob(label), log_prob(second), jnp.mean(logits, axis=-1))
+        return values + (jax.nn.logsumexp(2 * logits, axis=-1) - 2 * log_norm,) if sum_sq else values
 
     rows, seq, _ = hidden.shape
     if not chunk or chunk >= seq:
@@ -45,6 +47,8 @@ def token_stats(project: Callable[[jax.Array], jax.Array], hidden: jax.Array, la
                                                                          by_chunk(extra)))
         values = [jnp.moveaxis(c, 0, 1).reshape(rows, padded)[:, :seq] for c in chunks]
     out = {"label_logps": values[0], "mean_logit": values[2]}
+    if sum_sq:
+        out["log_sum_sq"] = values[3]
     if extra_labels is not None:
         out["extra_logps"] = values[1]
     return out

@@ -39,6 +39,7 @@ class LossSettings:
     sft_weight: float = 0.0  # adds sft_weight x the NLL of the chosen completions (TRL: loss_type=[loss, "sft"])
     router_aux_coef: float = 0.0  # MoE models: adds coef * router load-balancing loss to each pair's loss
     ld_alpha: Optional[float] = None  # LD-DPO: completion logps = shared span + ld_alpha x the longer one's tail
+    use_weighting: bool = False  # WPO: each pair's loss weighted by its completions' (detached) probabilities
 
     @property
     def uses_reference(self) -> bool:
@@ -58,12 +59,13 @@ class LossSettings:
 
 
 def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch, sequence_nll: bool = False,
-                   ld_alpha: Optional[float] = None) -> dict[str, jax.Array]:
+                   ld_alpha: Optional[float] = None, use_weighting: bool = False) -> dict[str, jax.Array]:
     """Forward pass over chosen and rejected rows ([B, 2, T]) or prefix-shared rows ([B, 1, T]): per-pair
     logps and logit sums, each [B*K, 2] for B rows of K pair slots; MoE models add the router
     load-balancing loss of the whole forward (`aux_loss`, a scalar, as transformers computes it);
     `sequence_nll` adds `sequence_logps`, over every predicted token of each sequence, prompt included, and
-    `ld_alpha` weighs the logps as LD-DPO (`length_desensitised_weights`; both two-row layout only)."""
+    `ld_alpha` weighs the logps as LD-DPO (`length_desensitised_weights`), and `use_weighting` adds WPO's
+    per-pair weight (`wpo_weight`; the three two-row layout only)."""
     rows, slots = batch.rows, batch.slots
     input_ids, segment_ids, completion_mask = (batch.flat(name) for name in
                                                ("input_ids", "segment_ids", "completion_mask"))  # [B*sides, T]
@@ -72,7 +74,8 @@ def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch, sequence_
                                            shared_prefix=batch.shared)  # [B*sides, T, D], []
     labels = next_token_labels(input_ids)
     extra = batch.prefix_target[:, 0] if batch.shared else None
-    tokens = token_stats(model.vocab_projection(), hidden, labels, extra, chunk=model.execution.logits_chunk)
+    tokens = token_stats(model.vocab_projection(), hidden, labels, extra, chunk=model.execution.logits_chunk,
+                         sum_sq=use_weighting)
     if batch.shared:
         sums = shared_completion_logps(tokens, completion_mask, segment_ids, extra, slots)
         stats = {name: values.reshape(rows * slots, 2)  # [B, K, 2] -> [B*K, 2]
@@ -88,6 +91,11 @@ def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch, sequence_
             weights = length_desensitised_weights(completion_mask, segment_ids, slots, ld_alpha)
             stats["plain_logps"] = stats["logps"]
             stats["logps"] = per_pair(completion_logps(tokens, weights, segment_ids, slots)[0])
+        if use_weighting:  # WPO (Zhou et al. 2024, eq. 2): exp of each completion's mean of log p - log sum_v p_v^2
+            aligned = {**tokens, "label_logps": tokens["label_logps"] - tokens["log_sum_sq"]}
+            aligned_sums, _, counts = completion_logps(aligned, completion_mask, segment_ids, slots)
+            means = per_pair(aligned_sums / jnp.maximum(counts, 1.0))  # [B*K, 2]
+            stats["wpo_weight"] = jax.lax.stop_gradient(jnp.exp(means[:, 0] + means[:, 1]))
         if sequence_nll:
             whole = completion_logps(tokens, predicted_tokens(segment_ids), segment_ids, slots)[0]
             stats["sequence_logps"] = per_pair(whole)
@@ -138,6 +146,8 @@ def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair
                       pair_mask=pair_mask, chosen_sequence_nll=sequence_nll,
                       plain_chosen=policy["plain_logps"][:, 0] if "plain_logps" in policy else None)
     losses = preference_loss(settings.loss, logps, settings.hyper, settings.sft_weight)  # [B]
+    if "wpo_weight" in policy:
+        losses = losses * policy["wpo_weight"]
     if "aux_loss" in policy:
         losses = losses + settings.router_aux_coef * policy["aux_loss"]
     loss = loss_record(settings.loss)
@@ -217,7 +227,7 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
 
         def loss_fn(p):
             policy = sequence_stats(graphdef, split.merge(p, frozen), micro, settings.sequence_nll,
-                                    settings.ld_alpha)
+                                    settings.ld_alpha, settings.use_weighting)
             return pair_metric_sums(policy, reference, settings, micro.pair_mask, scales)
 
         (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -261,7 +271,8 @@ def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings, base_referenc
         if base_reference:
             ref_params = adapters_off(params)
         reference = reference_stats(graphdef, ref_params, batch, settings)
-        policy = sequence_stats(graphdef, params, batch, settings.sequence_nll, settings.ld_alpha)
+        policy = sequence_stats(graphdef, params, batch, settings.sequence_nll, settings.ld_alpha,
+                                settings.use_weighting)
         return pair_metric_sums(policy, reference, settings, batch.pair_mask, token_scales(batch, settings))[1]
 
     return eval_step
