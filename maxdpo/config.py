@@ -112,6 +112,10 @@ class DPOConfig:
     router_aux_coef: float = 0.0
 
     @property
+    def loss_names(self) -> list:
+        return [self.loss] if isinstance(self.loss, str) else list(self.loss)
+
+    @property
     def objective(self) -> Union[str, tuple]:
         """`loss` as the steps take it: a name, or ((name, weight), ...) for a list of several."""
         if isinstance(self.loss, str):
@@ -436,6 +440,8 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"config key 'dpo.router_aux_coef' must be >= 0, got {cfg.dpo.router_aux_coef}")
     if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
         raise ConfigError(f"config key 'dpo.label_smoothing' must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
+    if cfg.dpo.discopop_tau <= 0:
+        raise ConfigError(f"config key 'dpo.discopop_tau' must be > 0 (the paper's 0.05), got {cfg.dpo.discopop_tau}")
     if cfg.dpo.f_alpha_divergence_coef <= 0:
         raise ConfigError("config key 'dpo.f_alpha_divergence_coef' must be > 0, got "
                           f"{cfg.dpo.f_alpha_divergence_coef}")
@@ -445,7 +451,7 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"config key 'reference.sync_steps' must be >= 0 (0: no sync), got {cfg.reference.sync_steps}")
     if not 0.0 < cfg.reference.mixup_alpha <= 1.0:
         raise ConfigError(f"config key 'reference.mixup_alpha' must be in (0, 1], got {cfg.reference.mixup_alpha}")
-    for key in ("dpop_lambda", "simpo_gamma", "discopop_tau", "sft_weight"):
+    for key in ("dpop_lambda", "simpo_gamma", "sft_weight"):
         if getattr(cfg.dpo, key) < 0:
             raise ConfigError(f"config key 'dpo.{key}' must be >= 0, got {getattr(cfg.dpo, key)}")
     _check_lora(cfg)

@@ -33,7 +33,7 @@ def _check_chat_template(template: str) -> None:
 def _check_loss_list(dpo) -> None:
     """`dpo.loss` names known losses; a list of several combines DPOTrainer's (a reference-free pair loss trains
     under another TRL trainer and is not mixed), with `loss_weights` one non-negative weight per name."""
-    names = [dpo.loss] if isinstance(dpo.loss, str) else dpo.loss
+    names = dpo.loss_names
     unknown = [name for name in names if name not in LOSSES]
     if unknown or not names:
         raise ConfigError(f"config key 'dpo.loss' must be one of {list(LOSSES)} or a list of them, got {dpo.loss!r}")
@@ -71,11 +71,13 @@ def _check_loss(cfg: Config) -> None:
         raise ConfigError("dpo.ld_alpha (LD-DPO) weighs the policy's and the reference's log-probs of each pair as "
                           "they are computed on device; it works with paired reference losses without "
                           "data.prefix_sharing or reference.precompute")
-    names = [dpo.loss] if isinstance(dpo.loss, str) else dpo.loss
     if dpo.use_weighting and (cfg.data.prefix_sharing or loss.completions or not loss.needs_reference
-                              or {"aot", "aot_unpaired"} & set(names)):
+                              or loss.batch_level):
         raise ConfigError("dpo.use_weighting (WPO) weighs the paired reference losses but aot and aot_unpaired (as "
                           "TRL), and needs the two-row layout (unset data.prefix_sharing)")
+    if loss.sequence_nll and dpo.sft_weight:
+        raise ConfigError(f"dpo.loss '{name}' has its own NLL term (the chosen sequence's, prompt included); unset "
+                          "dpo.sft_weight")
     if loss.sequence_nll and cfg.data.prefix_sharing:
         raise ConfigError(f"dpo.loss '{name}' takes the NLL of each chosen sequence with its prompt, which "
                           "data.prefix_sharing does not keep per sequence; unset data.prefix_sharing")

@@ -70,6 +70,13 @@ def hyperparameters(cfg: Config, mesh: dict[str, int], data_parallel: int) -> li
     lines += [f"max_grad_norm: {opt.max_grad_norm:g}", f"loss: {dpo.loss}", *([f"loss_weights: {dpo.loss_weights}"] if dpo.loss_weights else []),
               f"beta: {dpo.beta:g}"]
     lines += [f"{key}: {getattr(dpo, key):g}" for key in loss_record(dpo.objective).reads if getattr(dpo, key)]
+    if dpo.ld_alpha is not None:
+        lines.append(f"ld_alpha: {dpo.ld_alpha:g}")
+    if dpo.use_weighting:
+        lines.append("use_weighting: true (WPO)")
+    if cfg.reference.sync_steps:
+        lines.append(f"reference sync (TR-DPO): every {cfg.reference.sync_steps} steps, "
+                     f"mixup_alpha {cfg.reference.mixup_alpha:g}")
     if dpo.f_divergence_type != "reverse_kl":
         lines.append(f"f_divergence_type: {dpo.f_divergence_type}" + (
             f", f_alpha_divergence_coef: {dpo.f_alpha_divergence_coef:g}"
@@ -92,7 +99,8 @@ def render(cfg: Config, rows: list[dict], mesh: dict[str, int], data_parallel: i
     base = cfg.model.path or f"a randomly initialised {cfg.model.family} model"
     data = cfg.data.train
     front = ["---", "library_name: transformers", *([f"base_model: {cfg.model.path}"] if cfg.model.path else []),
-             "tags:", "- maxdpo", "- dpo", *(f"- {name}" for name in ([cfg.dpo.loss] if isinstance(cfg.dpo.loss, str) else cfg.dpo.loss)), *(["- lora"] if cfg.lora.rank else []),
+             "tags:", "- maxdpo", *(["- dpo"] if loss_record(cfg.dpo.objective).needs_reference else []),
+             *(f"- {name}" for name in cfg.dpo.loss_names), *(["- lora"] if cfg.lora.rank else []),
              *(["- qlora"] if cfg.lora.quantize else []), "datasets:", f"- {data}", "model-index:",
              f"- name: {cfg.run.name}", "  results: []", "---"]
     body = [f"# {cfg.run.name}",

@@ -89,8 +89,9 @@ def reference_dtypes(params, compute_dtype):
 
 @dataclasses.dataclass(frozen=True)
 class TrainProgram:
-    """Everything a run compiles, for one config on one mesh. State = {step, params, opt_state}; the steps take
-    (state or params, reference params or None, `Batch`) and must be called under `mesh_context()`."""
+    """Everything a run compiles, for one config on one mesh. State = {step, params, opt_state} (and `reference`
+    when it moves, TR-DPO); the steps take (state or params, reference params or None, `Batch`) and must be
+    called under `mesh_context()`."""
     cfg: Config
     mesh: Mesh
     spec: Architecture

@@ -44,7 +44,7 @@ def test_unknown_key_names_closest():
     ("dpo.sft_weight=-1", "dpo.sft_weight' must be >= 0"),
     ("dpo.f_divergence_type=kl", "dpo.f_divergence_type' must be one of"),
     ("dpo.loss=dpop dpo.f_divergence_type=js_divergence", "applies to the losses .*'dpop' takes the log-ratios"),
-    ("dpo.loss=discopop dpo.discopop_tau=0", "'discopop' needs dpo.discopop_tau > 0"),
+    ("dpo.loss=discopop dpo.discopop_tau=0", "dpo.discopop_tau' must be > 0"),
     ("dpo.f_alpha_divergence_coef=0", "f_alpha_divergence_coef' must be > 0"),
     ("dpo.loss=[sigmoid,nope]", "dpo.loss' must be one of .* or a list of them"),
     ("dpo.loss=[sigmoid,simpo]", "\\['simpo'\\] train without a reference .* not mixed"),
@@ -58,6 +58,7 @@ def test_unknown_key_names_closest():
     ("dpo.ld_alpha=0.5 dpo.loss=simpo", "works with paired reference losses"),
     ("dpo.use_weighting=true dpo.loss=aot", "but aot and aot_unpaired"),
     ("dpo.use_weighting=true data.prefix_sharing=true", "unset data.prefix_sharing"),
+    ("dpo.loss=orpo dpo.sft_weight=1", "has its own NLL term"),
 ])
 def test_bad_values_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -155,20 +155,36 @@ def test_every_loss_is_finite_and_differentiable():
 
 @pytest.mark.parametrize("name", ["aot", "aot_unpaired"])
 def test_aot_sorts_the_real_pairs_only(name):
-    """Padding slots (pair mask 0) sort last in both sorted sequences and leave the real pairs' losses as
-    without them; the sorted differences are those of the sorted real values (paired: policy minus reference
-    log-ratio margins)."""
+    """Padding slots (pair mask 0), wherever packing leaves them, take no part: the real slots get, in order,
+    the losses of the sorted real values, the padding slots 0; the sorted differences are those of the sorted
+    real values (paired: policy minus reference log-ratio margins)."""
     x = _random_logps(8)
-    padded = PairLogps(*(np.concatenate([np.asarray(v), np.full(3, fill)]) if np.ndim(v) else v
-                         for v, fill in zip(x, (-1.0, -90.0, -5.0, -2.0, 0.0, 0.0, 0.0))),
-                       pair_mask=np.array([1.0] * 8 + [0.0] * 3, np.float32))
+    real_slots = np.array([0, 1, 3, 4, 5, 7, 8, 10])  # padding at 2, 6, 9: mid-row, as packing leaves it
+
+    def spread(values, fill):  # the 8 real values on their slots, `fill` on the padding ones
+        out = np.full(11, fill, np.float32)
+        out[real_slots] = values
+        return out
+    padded = PairLogps(*(spread(v, fill) for v, fill in zip(x[:6], (-1.0, -90.0, -5.0, -2.0, 0.0, 0.0))),
+                       x.sft_scale, pair_mask=spread(1.0, 0.0))
     hyper = LossHyper(0.3, 0.1)
     real = preference_loss(name, x, hyper)
     with_padding = preference_loss(name, padded, hyper)
-    np.testing.assert_allclose(with_padding[:8], real, rtol=1e-6)
+    np.testing.assert_allclose(with_padding[real_slots], real, rtol=1e-6)
+    np.testing.assert_array_equal(np.delete(with_padding, real_slots), 0.0)
     if name == "aot":
         delta = (np.sort(x.policy_chosen - x.policy_rejected) - np.sort(x.ref_chosen - x.ref_rejected)) * 0.3
         np.testing.assert_allclose(real, 0.9 * np.logaddexp(0, -delta) + 0.1 * np.logaddexp(0, delta), rtol=1e-5)
+
+
+def test_discopop_and_forward_kl_stay_finite_at_extreme_margins():
+    """DiscoPOP's m·exp(−z) where exp(−z) overflows and m underflows, and forward KL's 1 − exp(−c) at a chosen
+    log-ratio of −200 nats: finite losses and gradients (TRL's formulas give NaN / inf there)."""
+    x = _logps([-300.0, -10.0], [-10.0, -300.0], [-100.0, -10.0], [-10.0, -10.0])
+    for name, hyper in (("discopop", LossHyper(1.0)), ("sigmoid", LossHyper(0.1, f_divergence_type="forward_kl"))):
+        value, grad = jax.value_and_grad(lambda pc: jnp.sum(preference_loss(name, x._replace(policy_chosen=pc),
+                                                                            hyper)))(jnp.asarray(x.policy_chosen))
+        assert np.isfinite(value) and np.all(np.isfinite(grad)), name
 
 
 def test_f_divergences_are_their_derivatives_of_the_likelihood_ratio():

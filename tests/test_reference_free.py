@@ -19,13 +19,15 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("loss,beta", [("simpo", 2.0), ("orpo", 0.1)])
-def test_the_default_job_packed_learns_held_out_preferences(tmp_path, loss, beta):
-    """`python -m maxdpo.train dpo.loss=simpo dpo.beta=2 data.packing=true` (and ORPO at TRL's beta): held-out
-    accuracy >= 0.9 (rewards are beta x the mean log-prob per token), nll_loss logged in train and eval rows."""
+@pytest.mark.parametrize("loss,beta,epochs", [("simpo", 2.0, 6), ("orpo", 0.1, 4)])
+def test_the_default_job_packed_learns_held_out_preferences(tmp_path, loss, beta, epochs):
+    """`python -m maxdpo.train dpo.loss=simpo dpo.beta=2 data.packing=true trainer.epochs=6` (and ORPO at TRL's
+    beta, 4 epochs; the default's 12 reach 0.98 and 1.0): held-out accuracy >= 0.9 (rewards are beta x the mean
+    log-prob per token), nll_loss logged in train and eval rows."""
     env = {**os.environ, "XLA_FLAGS": ""}
     result = subprocess.run([sys.executable, "-m", "maxdpo.train", f"dpo.loss={loss}", f"dpo.beta={beta}",
-                             "data.packing=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                             "data.packing=true", f"trainer.epochs={epochs}"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _rows(tmp_path / "runs" / "tiny_llama_dpo")
     final_eval = [row for row in rows if "eval_loss" in row][-1]

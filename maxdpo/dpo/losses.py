@@ -69,11 +69,12 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 def f_scores(x: PairLogps, h: LossHyper) -> tuple[jax.Array, jax.Array]:
     """f'(u) of the chosen and rejected likelihood ratios u = πθ/π_ref, f-DPO's (Wang et al. 2023) generalisation
     of the log-ratios c and r: reverse KL log u (DPO), forward KL 1 − 1/u, Jensen-Shannon log(2u / (1 + u)),
-    α-divergence (u^(α−1) − 1)/(α−1), its exponent clamped at 80 as TRL does (α = 1: log u)."""
+    α-divergence (u^(α−1) − 1)/(α−1), its exponent clamped at 80 as TRL does (α = 1: log u); forward KL's
+    exponent is clamped the same way (TRL overflows to inf there)."""
     kind, alpha = h.f_divergence_type, h.f_alpha_divergence_coef
     if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
         return x.chosen_logratios, x.rejected_logratios
-    transforms = {"forward_kl": lambda v: 1 - jnp.exp(-v),
+    transforms = {"forward_kl": lambda v: 1 - jnp.exp(jnp.minimum(-v, 80.0)),  # capped as alpha's (TRL: inf)
                   "js_divergence": lambda v: jnp.log(2.0) + log_sigmoid(v),
                   "alpha_divergence": lambda v: (jnp.exp(jnp.minimum((alpha - 1) * v, 80.0)) - 1) / (alpha - 1)}
     return transforms[kind](x.chosen_logratios), transforms[kind](x.rejected_logratios)
@@ -160,29 +161,32 @@ def discopop_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     (1 − m)·(−log σ(z)) + m·exp(−z)."""
     logits = h.beta * score_delta(x, h)
     modulation = jax.nn.sigmoid(logits / h.discopop_tau)
-    return (1 - modulation) * -log_sigmoid(logits) + modulation * jnp.exp(-logits)
+    # m·exp(−z) as exp(log m − z): finite where m underflows to 0 and exp(−z) overflows (z < −88)
+    return (1 - modulation) * -log_sigmoid(logits) + jnp.exp(log_sigmoid(logits / h.discopop_tau) - logits)
 
 
-def _sorted_real(values: jax.Array, pair_mask) -> jax.Array:
-    """`values` [B] sorted ascending with the padding slots last (as the largest float, so that two such
-    sorts subtract to 0 there)."""
-    real = jnp.broadcast_to(jnp.asarray(pair_mask) > 0, values.shape)
-    return jnp.sort(jnp.where(real, values, jnp.finfo(values.dtype).max))
+def _sorted_dominance(first: jax.Array, second: jax.Array, x: PairLogps, h: LossHyper) -> jax.Array:
+    """cDPO's sigmoid on sorted(first) − sorted(second) over the real pairs (padding slots, wherever the packing
+    left them, sorted last as the largest float so that the two sorts subtract to 0 there); the k-th smallest
+    difference's loss is placed on the k-th real slot, 0 on the padding ones."""
+    real = jnp.broadcast_to(jnp.asarray(x.pair_mask) > 0, first.shape)
+    top = jnp.finfo(first.dtype).max
+    delta = jnp.sort(jnp.where(real, first, top)) - jnp.sort(jnp.where(real, second, top))
+    losses = smoothed_sigmoid(h.beta * delta, h.label_smoothing)  # [B], real ones first
+    losses = jnp.where(jnp.arange(losses.shape[0]) < jnp.sum(real), losses, 0.0)
+    return jnp.zeros_like(losses).at[jnp.argsort(~real, stable=True)].set(losses)
 
 
 def aot_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     """AOT (Melnyk et al. 2024), paired: distributional dominance by optimal transport in one dimension, i.e.
     cDPO's sigmoid on the sorted policy log-ratios (log πθ(y_w) − log πθ(y_l)) minus the sorted reference
     ones, over the (micro-)batch's real pairs. The losses are per sorted position, not per pair."""
-    policy = _sorted_real(x.policy_chosen - x.policy_rejected, x.pair_mask)
-    reference = _sorted_real(x.ref_chosen - x.ref_rejected, x.pair_mask)
-    return smoothed_sigmoid(h.beta * (policy - reference), h.label_smoothing)
+    return _sorted_dominance(x.policy_chosen - x.policy_rejected, x.ref_chosen - x.ref_rejected, x, h)
 
 
 def aot_unpaired_loss(x: PairLogps, h: LossHyper) -> jax.Array:
     """AOT, unpaired: the sorted chosen log-ratios c minus the sorted rejected ones r."""
-    chosen, rejected = (_sorted_real(v, x.pair_mask) for v in (x.chosen_logratios, x.rejected_logratios))
-    return smoothed_sigmoid(h.beta * (chosen - rejected), h.label_smoothing)
+    return _sorted_dominance(x.chosen_logratios, x.rejected_logratios, x, h)
 
 
 def sft_loss(x: PairLogps, h: LossHyper) -> jax.Array:
@@ -257,6 +261,7 @@ class Loss:
     mean_logps: bool = False
     sequence_nll: bool = False
     f_divergence: bool = False  # honours dpo.f_divergence_type (TRL's set of losses on f-scores)
+    batch_level: bool = False  # the loss of a pair depends on the other pairs of its micro-batch (aot)
     metrics: Optional[Callable[[PairLogps, LossHyper], dict[str, jax.Array]]] = None
     hint: str = ""  # said with a missing required hyper-parameter
 
@@ -275,10 +280,10 @@ LOSSES: dict[str, Loss] = {
     "apo_zero": Loss(apo_zero_loss, "APO-zero"),
     "apo_down": Loss(apo_down_loss, "APO-down"),
     "sigmoid_norm": Loss(sigmoid_norm_loss, "length-normalised DPO", f_divergence=True),
-    "discopop": Loss(discopop_loss, "DiscoPOP", reads=("discopop_tau",), requires=("discopop_tau",),
-                     f_divergence=True, hint="the paper's 0.05"),
-    "aot": Loss(aot_loss, "AOT (Alignment via Optimal Transport), paired", reads=SMOOTHING),
-    "aot_unpaired": Loss(aot_unpaired_loss, "AOT (Alignment via Optimal Transport), unpaired", reads=SMOOTHING),
+    "discopop": Loss(discopop_loss, "DiscoPOP", reads=("discopop_tau",), f_divergence=True),
+    "aot": Loss(aot_loss, "AOT (Alignment via Optimal Transport), paired", reads=SMOOTHING, batch_level=True),
+    "aot_unpaired": Loss(aot_unpaired_loss, "AOT (Alignment via Optimal Transport), unpaired", reads=SMOOTHING,
+                         batch_level=True),
     "sft": Loss(sft_loss, "supervised fine-tuning", needs_reference=False, completions=True),
     "dpop": Loss(dpop_loss, "DPOP (DPO-Positive)", reads=("dpop_lambda",)),
     "cpo": Loss(cpo_loss, "CPO (Contrastive Preference Optimization)", reads=SMOOTHING, needs_reference=False,
@@ -305,6 +310,7 @@ def mixture(terms: Terms) -> Loss:
                 reads=tuple(dict.fromkeys(key for record in records for key in record.reads)),
                 requires=tuple(dict.fromkeys(key for record in records for key in record.requires)),
                 needs_reference=any(record.needs_reference for record in records),
+                batch_level=any(record.batch_level for record in records),
                 f_divergence=all(record.f_divergence or name == "sft" for (name, _), record in zip(terms, records)))
 
 

@@ -43,7 +43,7 @@ class LossSettings:
 
     @property
     def uses_reference(self) -> bool:
-        """False for reference-free losses (SFT, CPO, SimPO): no reference weights, forward pass or precomputed
+        """False for reference-free losses (SFT, CPO, SimPO, ORPO): no reference weights, forward pass or precomputed
         logps."""
         return loss_record(self.loss).needs_reference
 
@@ -65,7 +65,7 @@ def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch, sequence_
     load-balancing loss of the whole forward (`aux_loss`, a scalar, as transformers computes it);
     `sequence_nll` adds `sequence_logps`, over every predicted token of each sequence, prompt included, and
     `ld_alpha` weighs the logps as LD-DPO (`length_desensitised_weights`), and `use_weighting` adds WPO's
-    per-pair weight (`wpo_weight`; the three two-row layout only)."""
+    per-pair weight (`wpo_weight`); these three need the two-row layout."""
     rows, slots = batch.rows, batch.slots
     input_ids, segment_ids, completion_mask = (batch.flat(name) for name in
                                                ("input_ids", "segment_ids", "completion_mask"))  # [B*sides, T]
@@ -265,7 +265,7 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
 
 def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings, base_reference: bool = False) -> Callable:
     """eval_step(params, ref_params, batch) -> metric sums (summed over pairs, for averaging over batches);
-    `base_reference` as in `make_train_step`."""
+    `base_reference` as in `make_train_step`; a moving reference (TR-DPO) is passed as `ref_params`."""
 
     def eval_step(params: dict, ref_params: Optional[dict], batch: Batch) -> dict:
         if base_reference:

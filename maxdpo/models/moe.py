@@ -4,8 +4,9 @@ Interchangeable expert computations behind `model.moe_impl`: `dense` runs every 
 and zeroes the unselected ones (the reference), `ragged` sorts the token copies by expert and runs
 `jax.lax.ragged_dot` over the groups, `pallas` dispatches the copies into expert-owned row tiles and
 runs the Pallas grouped matmul (both dropless, k/E of the dense FLOPs). LoRA adapters on the experts
-(`ExpertAdapters`) run through the same grouped products at rank r; the base weights' gradients are never
-formed.
+(`ExpertAdapters`) run through the same grouped products at rank r, never forming W + A B; the frozen base
+weights' gradients are not differentiated (the Pallas path's custom backward computes one, left to XLA to
+drop as unused).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from maxdpo.kernels import moe_routing, partitioning
 from maxdpo.kernels.grouped_matmul import default_tile, grouped_matmul
 from maxdpo.models.layers import ACTIVATIONS, add_adapters, make_param, project, quantize_weights, weight
-from maxdpo.models.lora import make_adapters
+from maxdpo.models.lora import EXPERT_ADAPTERS, make_adapters
 from maxdpo.models.spec import Architecture, Execution
 
 
@@ -153,9 +154,10 @@ class MoE(nnx.Module):
         self.down_proj = make_param(shape=(e, f, d), axes=("experts", "mlp", "embed"), **init)
         add_adapters(self, "layers/mlp", {"router": 1}, execution, rngs, num_layers)
         lead = int(num_layers is not None) + 1  # the layers axis (when stacked) and the experts
-        for adapter, base, shared_by in (("experts_gate_up", self.gate_proj, 2), ("experts_down", self.down_proj, 1)):
-            if self.lora and self.lora.adapts(f"layers/mlp/{adapter}"):
-                a, b = make_adapters(rngs, base, 1, self.lora.rank, lead, shared_by)
+        for adapter, base in (("experts_gate_up", self.gate_proj), ("experts_down", self.down_proj)):
+            path = f"layers/mlp/{adapter}"
+            if self.lora and self.lora.adapts(path):
+                a, b = make_adapters(rngs, base, 1, self.lora.rank, lead, len(EXPERT_ADAPTERS[path]))
                 setattr(self, f"{adapter}_lora_a", a)
                 setattr(self, f"{adapter}_lora_b", b)
         quantize_weights(self, ("gate_proj", "up_proj", "down_proj"), execution)
