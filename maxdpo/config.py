@@ -448,7 +448,8 @@ def check_values(cfg: Config) -> None:
     if cfg.dpo.ld_alpha is not None and not 0.0 <= cfg.dpo.ld_alpha <= 1.0:
         raise ConfigError(f"config key 'dpo.ld_alpha' must be in [0, 1] (null: off), got {cfg.dpo.ld_alpha}")
     if cfg.reference.sync_steps < 0:
-        raise ConfigError(f"config key 'reference.sync_steps' must be >= 0 (0: no sync), got {cfg.reference.sync_steps}")
+        raise ConfigError("config key 'reference.sync_steps' must be >= 0 (0: no sync), got "
+                          f"{cfg.reference.sync_steps}")
     if not 0.0 < cfg.reference.mixup_alpha <= 1.0:
         raise ConfigError(f"config key 'reference.mixup_alpha' must be in (0, 1], got {cfg.reference.mixup_alpha}")
     for key in ("dpop_lambda", "simpo_gamma", "sft_weight"):

@@ -67,8 +67,8 @@ def hyperparameters(cfg: Config, mesh: dict[str, int], data_parallel: int) -> li
     elif opt.warmup_ratio:
         lines.append(f"lr_scheduler_warmup_ratio: {opt.warmup_ratio:g}")
     lines += [f"num_epochs: {trainer.epochs}"] + ([f"training_steps: {trainer.max_steps}"] if trainer.max_steps > 0 else [])
-    lines += [f"max_grad_norm: {opt.max_grad_norm:g}", f"loss: {dpo.loss}", *([f"loss_weights: {dpo.loss_weights}"] if dpo.loss_weights else []),
-              f"beta: {dpo.beta:g}"]
+    lines += [f"max_grad_norm: {opt.max_grad_norm:g}", f"loss: {dpo.loss}",
+              *([f"loss_weights: {dpo.loss_weights}"] if dpo.loss_weights else []), f"beta: {dpo.beta:g}"]
     lines += [f"{key}: {getattr(dpo, key):g}" for key in loss_record(dpo.objective).reads if getattr(dpo, key)]
     if dpo.ld_alpha is not None:
         lines.append(f"ld_alpha: {dpo.ld_alpha:g}")
