@@ -71,6 +71,8 @@ class ColumnsConfig:
     prompt: str = "prompt"
     chosen: str = "chosen"
     rejected: str = "rejected"
+    completion: str = "completion"  # unpaired rows (KTO, BCO): one completion and its label
+    label: str = "label"
 
 
 @dataclasses.dataclass
@@ -108,6 +110,8 @@ class DPOConfig:
     f_alpha_divergence_coef: float = 0.5  # α of alpha_divergence
     ld_alpha: Optional[float] = None  # LD-DPO: weight of the longer completion's tokens past the shorter's length
     use_weighting: bool = False  # WPO: weight each pair's loss by its completions' probabilities under the policy
+    desirable_weight: float = 1.0  # KTO / APO-zero unpaired: weight of the desirable examples' losses
+    undesirable_weight: float = 1.0  # ... and of the undesirable ones' (KTO paper, eq. 8, for imbalanced data)
     sft_weight: float = 0.0
     router_aux_coef: float = 0.0
 
@@ -452,7 +456,7 @@ def check_values(cfg: Config) -> None:
                           f"{cfg.reference.sync_steps}")
     if not 0.0 < cfg.reference.mixup_alpha <= 1.0:
         raise ConfigError(f"config key 'reference.mixup_alpha' must be in (0, 1], got {cfg.reference.mixup_alpha}")
-    for key in ("dpop_lambda", "simpo_gamma", "sft_weight"):
+    for key in ("dpop_lambda", "simpo_gamma", "sft_weight", "desirable_weight", "undesirable_weight"):
         if getattr(cfg.dpo, key) < 0:
             raise ConfigError(f"config key 'dpo.{key}' must be >= 0, got {getattr(cfg.dpo, key)}")
     _check_lora(cfg)

@@ -48,6 +48,10 @@ def _check_loss_list(dpo) -> None:
         if alone:
             raise ConfigError(f"dpo.loss {alone} train without a reference (TRL's CPOTrainer / ORPOTrainer) and are "
                               "not mixed with other losses; use one of them alone")
+        unpaired = [name for name in names if LOSSES[name].unpaired]
+        if unpaired:
+            raise ConfigError(f"dpo.loss {unpaired} train on labelled single completions (TRL's KTOTrainer / "
+                              "BCOTrainer) and are not mixed with pair losses; use one of them alone")
 
 
 def _check_loss(cfg: Config) -> None:
@@ -55,10 +59,13 @@ def _check_loss(cfg: Config) -> None:
     dpo = cfg.dpo
     _check_loss_list(dpo)
     name, loss = dpo.loss, loss_record(dpo.objective)
-    if dpo.label_smoothing and "label_smoothing" not in loss.reads:
-        readers = [other for other, record in LOSSES.items() if "label_smoothing" in record.reads]
-        raise ConfigError(f"config key 'dpo.label_smoothing' is used by the losses {readers} only; dpo.loss "
-                          f"'{name}' would ignore it")
+    for key, unset in (("label_smoothing", 0.0), ("desirable_weight", 1.0), ("undesirable_weight", 1.0)):
+        if getattr(dpo, key) != unset and key not in loss.reads:
+            readers = [other for other, record in LOSSES.items() if key in record.reads]
+            raise ConfigError(f"config key 'dpo.{key}' is used by the losses {readers} only; dpo.loss '{name}' "
+                              "would ignore it")
+    if loss.unpaired:
+        _check_unpaired(cfg, name, loss)
     for key in loss.requires:
         if not getattr(dpo, key):
             raise ConfigError(f"dpo.loss '{name}' needs dpo.{key} > 0" + (f" ({loss.hint})" if loss.hint else ""))
@@ -92,6 +99,20 @@ def _check_loss(cfg: Config) -> None:
     if not loss.needs_reference and (cfg.reference.path or cfg.reference.precompute):
         raise ConfigError(f"dpo.loss '{name}' trains without a reference model; unset reference.path and "
                           "reference.precompute")
+
+
+def _check_unpaired(cfg: Config, name: str, loss) -> None:
+    """KTO and BCO weigh single completions: none of the pair options apply; KTO's KL estimate needs at least two
+    examples per micro-batch (each one's mismatched completion is another's)."""
+    dpo = cfg.dpo
+    pair_options = [f"dpo.{key}" for key, value in (("sft_weight", dpo.sft_weight), ("ld_alpha", dpo.ld_alpha),
+                                                     ("use_weighting", dpo.use_weighting)) if value]
+    if pair_options:
+        raise ConfigError(f"dpo.loss '{name}' trains on labelled single completions; {pair_options} apply to "
+                          "preference pairs only")
+    if loss.anchor == "kl" and cfg.trainer.micro_batch < 2:
+        raise ConfigError(f"dpo.loss '{name}' estimates its KL term from each micro-batch's mismatched examples and "
+                          f"needs trainer.micro_batch_size >= 2 (got {cfg.trainer.micro_batch}), as TRL does")
 
 
 def validate(cfg: Config) -> Config:

@@ -21,8 +21,9 @@ from maxdpo.config import Config, ConfigError
 from maxdpo.data.batch import Batch, layout_of, longest_row
 from maxdpo.data.sources import resolve_path
 from maxdpo.dpo.freeze import TrainableSplit, adapter_split, trainable_split
-from maxdpo.dpo.losses import LossHyper
+from maxdpo.dpo.losses import LossHyper, loss_record
 from maxdpo.dpo.optim import make_optimizer, optimizer_state_shardings
+from maxdpo.dpo.unpaired import initial_moments
 from maxdpo.dpo.step import LossSettings, ReferenceSync, make_eval_step, make_reference_logps, make_train_step
 from maxdpo.models.layers import is_norm_scale
 from maxdpo.models.lora import plan as lora_plan
@@ -66,7 +67,8 @@ def architecture_from_config(cfg: Config) -> Architecture:
 def loss_settings(cfg: Config) -> LossSettings:
     dpo = cfg.dpo
     hyper = LossHyper(dpo.beta, dpo.label_smoothing, dpo.dpop_lambda, dpo.simpo_gamma, dpo.discopop_tau,
-                      dpo.f_divergence_type, dpo.f_alpha_divergence_coef)
+                      dpo.f_divergence_type, dpo.f_alpha_divergence_coef, dpo.desirable_weight,
+                      dpo.undesirable_weight)
     return LossSettings(dpo.objective, hyper, dpo.sft_weight, dpo.router_aux_coef, dpo.ld_alpha, dpo.use_weighting)
 
 
@@ -90,8 +92,9 @@ def reference_dtypes(params, compute_dtype):
 @dataclasses.dataclass(frozen=True)
 class TrainProgram:
     """Everything a run compiles, for one config on one mesh. State = {step, params, opt_state} (and `reference`
-    when it moves, TR-DPO); the steps take (state or params, reference params or None, `Batch`) and must be
-    called under `mesh_context()`."""
+    when it moves, TR-DPO; `reward_moments`, BCO's running reward mean); the steps take (state or params,
+    reference params or None, `Batch`; the eval step the reward moments or None too) and must be called under
+    `mesh_context()`."""
     cfg: Config
     mesh: Mesh
     spec: Architecture
@@ -109,7 +112,7 @@ class TrainProgram:
     abstract_reference: Optional[dict]  # the reference weights' ShapeDtypeStructs (`reference_dtypes`), or None
     batch_sharding: NamedSharding  # every batch field: rows split over the `batch` rule
     train_step: Callable  # (state, ref_params, batch) -> (state, metrics)
-    eval_step: Callable  # (params, ref_params, batch) -> metric sums
+    eval_step: Callable  # (params, ref_params, batch, reward_moments) -> metric sums
     reference_logps: Callable  # (ref_params, batch) -> [rows * slots, 2] summed reference logps, replicated
 
     @property
@@ -152,11 +155,14 @@ class TrainProgram:
         state = {"step": step, "params": params, "opt_state": opt_state}
         if self.reference_sync:
             state["reference"] = ref_params
+        if "reward_moments" in self.abstract_state:
+            state["reward_moments"] = jax.device_put(initial_moments(), self.state_shardings["reward_moments"])
         return state
 
     def abstract_batch(self, rows: int, length: int, slots: int = 1) -> Batch:
         """The train step's batch as ShapeDtypeStructs (rows x length tokens per side)."""
-        batch = Batch.abstract(self.layout, rows, length, slots, ref_logps=self.cfg.reference.precompute)
+        batch = Batch.abstract(self.layout, rows, length, slots, ref_logps=self.cfg.reference.precompute,
+                               labels=loss_record(self.settings.loss).unpaired)
         return _abstract(batch, jax.tree.map(lambda _: self.batch_sharding, batch))
 
     def abstract_args(self, rows: int, length: Optional[int] = None) -> tuple:
@@ -198,7 +204,6 @@ def build_train_program(cfg: Config, mesh: Mesh, total_steps: int,
     opt_shardings = optimizer_state_shardings(optimizer, trainable, split.trainable(param_shardings), scalar)
     abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar), "params": params,
                       "opt_state": _abstract(jax.eval_shape(optimizer.init, trainable), opt_shardings)}
-    state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     settings = loss_settings(cfg)
     rows = batch_sharding(mesh, rules)
     # With LoRA the steps' reference is the policy's base (adapters off): no reference weights of its own.
@@ -211,13 +216,16 @@ def build_train_program(cfg: Config, mesh: Mesh, total_steps: int,
     sync = ReferenceSync(cfg.reference.sync_steps, cfg.reference.mixup_alpha) if cfg.reference.sync_steps else None
     if sync:  # the moving reference is state: checkpointed, donated, updated by the step
         abstract_state["reference"] = abstract_reference
-        state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    if loss_record(settings.loss).anchor == "running_mean":  # BCO's running reward mean, moved by every step
+        moments = jax.eval_shape(initial_moments)
+        abstract_state["reward_moments"] = _abstract(moments, jax.tree.map(lambda _: scalar, moments))
+    state_shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     train_step = jax.jit(make_train_step(graphdef, settings, optimizer, schedule, cfg.trainer.accumulation_steps,
                                          split, base_reference, sync),
                          in_shardings=(state_shardings, None if sync else ref_shardings, rows),
                          out_shardings=(state_shardings, scalar), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(graphdef, settings, base_reference),
-                        in_shardings=(param_shardings, ref_shardings, rows))
+                        in_shardings=(param_shardings, ref_shardings, rows, state_shardings.get("reward_moments")))
     reference_logps = jax.jit(make_reference_logps(graphdef), in_shardings=(param_shardings, rows),
                               out_shardings=scalar)
     return TrainProgram(cfg, mesh, spec, execution, graphdef, split, settings, optimizer, schedule,

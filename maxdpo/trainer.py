@@ -80,19 +80,27 @@ def stop_requested(received: list[int]) -> int | None:
     return mine or None
 
 
-def evaluate(program: TrainProgram, params: dict, ref_params: dict | None, batches: BatchBuilder) -> dict:
-    """`eval_`-prefixed metrics over every batch of `batches` (sums over pairs and tokens, divided once)."""
+def evaluate(program: TrainProgram, params: dict, ref_params: dict | None, batches: BatchBuilder,
+             reward_moments: dict | None = None) -> dict:
+    """`eval_`-prefixed metrics over every batch of `batches` (sums over pairs and tokens, divided once); one that
+    no batch defines (NaN: an unpaired run's eval data without undesirable examples) is left out, as TRL does."""
     totals = None
     for step in range(len(batches.schedule)):
-        sums = program.eval_step(params, ref_params, program.global_batch(batches(step)))
+        sums = program.eval_step(params, ref_params, program.global_batch(batches(step)), reward_moments)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    metrics = finalize_metrics(jax.device_get(totals), sft=program.settings.sft)
-    return {f"eval_{k}": float(v) for k, v in metrics.items()}
+    metrics = finalize_metrics(jax.device_get(totals), program.settings)
+    return {f"eval_{k}": float(v) for k, v in metrics.items() if not np.isnan(v)}
 
 
 def _mean_rows(window: list[dict]) -> dict:
-    """Averages the metrics of the steps since the last log (TRL's logging), learning rate as of the last step."""
-    row = {name: float(np.mean([m[name] for m in window])) for name in window[0]}
+    """Averages the metrics of the steps since the last log (TRL's logging), learning rate as of the last step.
+    A metric undefined (NaN) at some steps (unpaired losses: a batch without undesirable examples) is averaged
+    over the others, and left out when no step defines it, as TRL does."""
+    row = {}
+    for name in window[0]:
+        values = np.asarray([m[name] for m in window], np.float64)
+        if not np.isnan(values).all():
+            row[name] = float(np.nanmean(values))
     row["learning_rate"] = float(window[-1]["learning_rate"])
     return row
 
@@ -138,13 +146,17 @@ class Trainer:
             return None, attach_reference_logps(program, self.data, ref_params, self.run_dir)
         return (reference_params(program, params) if program.reference_model else None), self.data
 
-    def meta(self, iterator: BatchIterator, window: list[dict]) -> dict:
+    def meta(self, iterator: BatchIterator, window: list[dict], state: dict) -> dict:
         """A checkpoint's metadata; `window` (the metrics of the steps since the last log) lets a resumed run log
-        the same averages as an uninterrupted one."""
-        return {"model": self.program.spec.to_dict(), "config": to_dict(self.cfg), "data_iterator": iterator.state(),
+        the same averages as an uninterrupted one; BCO's running reward mean (two scalars) rides along."""
+        meta = {"model": self.program.spec.to_dict(), "config": to_dict(self.cfg), "data_iterator": iterator.state(),
                 "mesh": dict(self.mesh.shape), "data_parallel": self.program.data_parallel,
                 "log_window": [{name: float(value) for name, value in metrics.items()}
                                for metrics in jax.device_get(window)]}
+        if "reward_moments" in state:
+            meta["reward_moments"] = {name: float(value) for name, value in
+                                      jax.device_get(state["reward_moments"]).items()}
+        return meta
 
     # -- loop ------------------------------------------------------------------------------------------------
     def _check_finite(self, step: int, metrics: dict) -> None:
@@ -189,6 +201,10 @@ class Trainer:
             state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), program.abstract_state["step"].sharding),
                      "params": restored["params"], "opt_state": restored["opt_state"],
                      **({"reference": restored["reference"]} if "reference" in state else {})}
+            if "reward_moments" in state:  # exact float32 values through the checkpoint's JSON
+                state["reward_moments"] = jax.device_put(
+                    {name: np.float32(value) for name, value in meta["reward_moments"].items()},
+                    program.state_shardings["reward_moments"])
             saved_window = meta.get("log_window", [])
             log.info("resuming from %s at step %d", store.directory / str(start), start)
         metrics_log = MetricsLog(self.run_dir, self.total_steps, start, enabled=self.is_main)
@@ -242,7 +258,8 @@ class Trainer:
 
         def evaluate_at(step: int) -> dict:
             row = {"step": step, "epoch": data.train.schedule.epoch_at(step),
-                   **evaluate(program, state["params"], state.get("reference", ref_params), data.eval)}
+                   **evaluate(program, state["params"], state.get("reference", ref_params), data.eval,
+                              state.get("reward_moments"))}
             metrics_log.write(row)
             return row
 
@@ -286,7 +303,8 @@ class Trainer:
 
     def _save(self, store: CheckpointStore, step: int, state: dict, batches: BatchIterator,
               window: list[dict]) -> None:
-        store.save(step, state["params"], state["opt_state"], self.meta(batches, window), state.get("reference"))
+        store.save(step, state["params"], state["opt_state"], self.meta(batches, window, state),
+                   state.get("reference"))
 
     def _stop(self, signum: int, step: int, state: dict, window: list[dict], pending: tuple, store: CheckpointStore,
               batches: BatchIterator) -> None:

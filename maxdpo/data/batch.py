@@ -11,6 +11,7 @@ Two layouts (K pair slots per row: 1, or more when packing; T the padded length)
   pair_mask                                            [rows, K]        float32
   prefix_target  (SHARED only)                         [rows, 1, T]     int32, -1: none
   ref_logps      (precomputed reference only)          [rows, K, 2]     float32 (chosen, rejected)
+  labels         (unpaired losses only)                [rows, K]        float32, 1: desirable
 Fields that a layout or run does not use are None.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Batch:
     layout: str = struct.field(pytree_node=False)
     prefix_target: Any = None
     ref_logps: Any = None
+    labels: Any = None
 
     @property
     def shared(self) -> bool:
@@ -54,13 +56,15 @@ class Batch:
         return self.pair_mask.shape[1]
 
     @classmethod
-    def abstract(cls, layout: str, rows: int, length: int, slots: int = 1, ref_logps: bool = False) -> "Batch":
+    def abstract(cls, layout: str, rows: int, length: int, slots: int = 1, ref_logps: bool = False,
+                 labels: bool = False) -> "Batch":
         """ShapeDtypeStructs of a batch of `rows` rows padded to `length` tokens."""
         tokens = jax.ShapeDtypeStruct((rows, SIDES[layout], length), jnp.int32)
         prefix_target = jax.ShapeDtypeStruct((rows, 1, length), jnp.int32) if layout == SHARED else None
-        return cls(*(tokens,) * len(SEQUENCE_FIELDS), pair_mask=jax.ShapeDtypeStruct((rows, slots), jnp.float32),
-                   layout=layout, prefix_target=prefix_target,
-                   ref_logps=jax.ShapeDtypeStruct((rows, slots, 2), jnp.float32) if ref_logps else None)
+        per_slot = jax.ShapeDtypeStruct((rows, slots), jnp.float32)
+        return cls(*(tokens,) * len(SEQUENCE_FIELDS), pair_mask=per_slot, layout=layout, prefix_target=prefix_target,
+                   ref_logps=jax.ShapeDtypeStruct((rows, slots, 2), jnp.float32) if ref_logps else None,
+                   labels=per_slot if labels else None)
 
     def flat(self, name: str) -> jax.Array:
         """A sequence field with rows and sides merged: [rows * sides, T]."""

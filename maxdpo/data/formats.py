@@ -14,6 +14,10 @@ argilla/distilabel-math-preference-dpo (instruction, chosen_response, rejected_r
 SFT data (`dpo.loss: sft`) needs no rejected column: prompt / completion rows (TRL's prompt-completion
 shape; `data.columns.chosen` names the completion, `completion` is tried next), `messages` conversations
 (the prompt is everything before the last assistant turn) or preference rows, whose chosen side is used.
+
+Unpaired losses (KTO, BCO) take TRL's unpaired preference rows: prompt / completion / label (true or 1:
+desirable), plain or conversational (`data.columns.completion`, `data.columns.label`), or preference rows,
+each of which becomes a desirable (chosen) and an undesirable (rejected) example.
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ class RowFormat:
     prompt: str | None  # column names; prompt None: implicit prompt
     chosen: str
     rejected: str | None  # None: SFT rows (prompt and completion)
+    label: str | None = None  # unpaired rows: the label column (chosen then names the completion)
 
 
 def _is_messages(value) -> bool:
@@ -69,11 +74,25 @@ def _sft_format(column_names: list[str], first_row: dict, columns, forced: str, 
     return RowFormat(kind, prompt, completion, None)
 
 
-def detect_format(features: dict, first_row: dict, columns, forced: str, source: str, sft: bool = False) -> RowFormat:
-    """Picks the column names (configured, else a known set) and the kind of rows from the dataset's features."""
+def _unpaired_format(column_names: list[str], first_row: dict, columns, forced: str, source: str) -> RowFormat:
+    missing = [name for name in (columns.prompt, columns.completion) if name not in column_names]
+    if missing:
+        raise DataError(f"{source}: unpaired rows need columns {missing} beside '{columns.label}' (see "
+                        f"data.columns); found {column_names}")
+    kind = (forced if forced != "auto" else
+            "conversational" if _is_messages(first_row.get(columns.completion)) else "plain")
+    return RowFormat(kind, columns.prompt, columns.completion, None, columns.label)
+
+
+def detect_format(features: dict, first_row: dict, columns, forced: str, source: str, sft: bool = False,
+                  unpaired: bool = False) -> RowFormat:
+    """Picks the column names (configured, else a known set) and the kind of rows from the dataset's features;
+    with `unpaired`, rows with a label column are unpaired rows, others preference pairs."""
     column_names = list(features)
     if sft:
         return _sft_format(column_names, first_row, columns, forced, source)
+    if unpaired and columns.label in column_names:
+        return _unpaired_format(column_names, first_row, columns, forced, source)
     names = (columns.prompt, columns.chosen, columns.rejected)
     if names[1] not in column_names or names[2] not in column_names:
         known = next((k for k in KNOWN_COLUMN_SETS if set(k) <= set(column_names)), None)
@@ -198,6 +217,21 @@ def to_example(row: dict, fmt: RowFormat) -> Example:
     if example.chosen == example.rejected:
         raise InvalidRow("chosen and rejected are identical")
     return example
+
+
+def _label(value, column: str) -> int:
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return int(value)
+    raise InvalidRow(f"'{column}' must be true or false (or 1 or 0), got {value!r}")
+
+
+def to_unpaired_examples(row: dict, fmt: RowFormat) -> list[tuple[Example, int]]:
+    """The row's (single-completion example, label) list: one for an unpaired row, the chosen (1) and the
+    rejected (0) completion of a preference row (TRL's unpair_preference_dataset)."""
+    if fmt.label is not None:
+        return [(_sft_example(row, fmt), _label(row.get(fmt.label), fmt.label))]
+    pair = to_example(row, fmt)
+    return [(Example(pair.prompt, pair.chosen, None), 1), (Example(pair.prompt, pair.rejected, None), 0)]
 
 
 def as_conversation(example: Example) -> Example:

@@ -177,6 +177,9 @@ class BatchBuilder:
         if self.reference_logps is not None:
             batch = batch.replace(ref_logps=np.where(indices[..., None] >= 0,
                                                      self.reference_logps[np.maximum(indices, 0)], 0.0))
+        if self.store.labels is not None:
+            batch = batch.replace(labels=np.where(indices >= 0, self.store.labels[np.maximum(indices, 0)],
+                                                  0).astype(np.float32))
         return batch
 
 

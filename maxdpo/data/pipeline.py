@@ -20,12 +20,15 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 from tqdm.auto import tqdm
 
-from maxdpo.data.formats import InvalidRow, RowFormat, as_conversation, detect_format, to_example
+from maxdpo.data.formats import (Example, InvalidRow, RowFormat, as_conversation, detect_format, to_example,
+                                 to_unpaired_examples)
 from maxdpo.data.sources import DataError, load_rows, source_fingerprint
 from maxdpo.data.store import PairStore
 from maxdpo.data.templates import ChatRenderer, TemplateError, resolve_template
+from maxdpo.data.unpaired import unpaired_order, with_mismatched
 from maxdpo.data.tokenize import PairTokenizer
 
 log = logging.getLogger("maxdpo")
@@ -36,10 +39,18 @@ MAX_AUTO_PROCESSES = 8
 
 
 @dataclasses.dataclass(frozen=True)
+class Unpaired:
+    """Unpaired examples' data: each one a (sequence, mismatched sequence) pair when `kl_chunk` > 0 (KTO: the
+    completion of the example before it in its chunk of `kl_chunk` examples, in data order, as TRL's KTOTrainer
+    rotates completions within each per-device batch), else a one-token stub in the rejected place."""
+    kl_chunk: int
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSettings:
     """Everything besides the data and the tokenizer that decides the tokenised pairs."""
     format: str
-    columns: tuple[str, str, str]
+    columns: tuple[str, ...]
     chat_template: Optional[str]  # Jinja text; None: plain text stays untemplated
     template_setting: str  # as configured (auto, a built-in name, ...), for messages
     system_prompt: Optional[str]
@@ -48,19 +59,22 @@ class DataSettings:
     truncation: str
     skip_invalid: bool
     sft: bool  # prompt / completion examples (dpo.loss: sft): no rejected side
+    unpaired: Optional[Unpaired] = None  # labelled single completions (KTO, BCO)
 
     @classmethod
-    def from_config(cls, data_cfg, tokenizer, sft: bool = False) -> "DataSettings":
+    def from_config(cls, data_cfg, tokenizer, sft: bool = False,
+                    unpaired: Optional[Unpaired] = None) -> "DataSettings":
         columns = data_cfg.columns
-        return cls(data_cfg.format, (columns.prompt, columns.chosen, columns.rejected),
+        return cls(data_cfg.format, (columns.prompt, columns.chosen, columns.rejected, columns.completion,
+                                     columns.label),
                    resolve_template(data_cfg.chat_template, tokenizer), data_cfg.chat_template,
                    data_cfg.system_prompt, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation,
-                   data_cfg.skip_invalid, sft)
+                   data_cfg.skip_invalid, sft, unpaired)
 
 
 @dataclasses.dataclass
 class ChunkResult:
-    pairs: list  # (row index, TokenizedPair)
+    pairs: list  # (row index, TokenizedPair, label: 1/0 for an unpaired example, else None)
     # truncated (pairs cut in any way), truncated_prompt, truncated_completion, boundary_moved
     truncation: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     invalid: list = dataclasses.field(default_factory=list)  # (row index, reason)
@@ -79,9 +93,14 @@ class PairBuilder:
         if self.renderer is None and tokenizer.eos_token is None:
             raise DataError("the tokenizer has no EOS token; plain-text completions must end with one")
 
-    def _texts(self, row: dict) -> tuple[str, str, Optional[str]]:
+    def _examples(self, row: dict) -> list[tuple[Example, Optional[int]]]:
+        """The row's examples with their labels (None: a preference pair or an SFT example)."""
+        if self.settings.unpaired is not None:
+            return to_unpaired_examples(row, self.row_format)
+        return [(to_example(row, self.row_format), None)]
+
+    def _texts(self, example: Example) -> tuple[str, str, Optional[str]]:
         """(prompt, prompt + chosen, prompt + rejected or None) as text, plain or rendered."""
-        example = to_example(row, self.row_format)
         if self.renderer is None:
             return self.tokenizer.plain_texts(example.prompt, example.chosen, example.rejected)
         example = as_conversation(example)
@@ -96,16 +115,23 @@ class PairBuilder:
         result, texts, indices = ChunkResult([]), [], []
         for offset, row in enumerate(rows):
             try:
-                texts.append(self._texts(row))
-                indices.append(first_index + offset)
+                examples = [(self._texts(example), label) for example, label in self._examples(row)]
             except InvalidRow as err:
                 result.invalid.append((first_index + offset, str(err)))
-        for index, outcome in zip(indices, self.tokenizer.encode_many(texts, rendered=self.renderer is not None)):
+                continue
+            texts += [text for text, _ in examples]
+            indices += [(first_index + offset, label) for _, label in examples]
+        outcomes = self.tokenizer.encode_many(texts, rendered=self.renderer is not None)
+        failed = {}  # row index -> reason: a row fails whole, whichever of its examples did
+        for (index, _), outcome in zip(indices, outcomes):
             if isinstance(outcome, InvalidRow):
-                result.invalid.append((index, str(outcome)))
+                failed.setdefault(index, str(outcome))
+        result.invalid += failed.items()
+        for (index, label), outcome in zip(indices, outcomes):
+            if index in failed:
                 continue
             pair, truncation = outcome
-            result.pairs.append((index, pair))
+            result.pairs.append((index, pair, label))
             result.truncation.update(truncated=truncation.prompt or truncation.completion,
                                      truncated_prompt=truncation.prompt, truncated_completion=truncation.completion,
                                      boundary_moved=truncation.boundary_moved)
@@ -155,7 +181,9 @@ class PreparedData:
 
 
 def _report_line(source: str, report: dict, settings: DataSettings, cached: bool) -> str:
-    line = (f"{source}: {report['rows']} rows -> {report['pairs']} pairs; {report['truncated']} truncated to "
+    made = (f"{report['pairs']} unpaired examples ({report['desirable']} desirable)" if "desirable" in report
+            else f"{report['pairs']} pairs")
+    line = (f"{source}: {report['rows']} rows -> {made}; {report['truncated']} truncated to "
             f"data.max_length={settings.max_length} ({report['truncated_prompt']} prompts cut to "
             f"data.max_prompt_length={settings.max_prompt_length}, {report['truncated_completion']} completions cut); "
             f"{report['dropped']} dropped")
@@ -173,15 +201,29 @@ def _reason_kind(reason: str) -> str:
     return re.sub(r"\d+", "N", reason)
 
 
-def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, sft: bool = False, show_progress: bool = True,
+def _unpaired_store(examples: list, rows: list[int], labels: list[int], unpaired: Unpaired, max_length: int,
+                    from_preference_rows: bool) -> PairStore:
+    """Unpaired examples in TRL's order, with KTO's mismatched completions when the loss reads them."""
+    rows, labels = np.asarray(rows, np.int64), np.asarray(labels, np.int8)
+    order = unpaired_order(rows, labels) if from_preference_rows else np.arange(len(rows))
+    examples = [examples[i] for i in order]
+    if unpaired.kl_chunk:
+        examples = with_mismatched(examples, unpaired.kl_chunk, max_length)
+    return PairStore.from_pairs(examples, rows[order].tolist(), labels[order].tolist())
+
+
+def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, sft: bool = False,
+                  unpaired: Optional[Unpaired] = None, show_progress: bool = True,
                   chunk_rows: int = CHUNK_ROWS) -> PreparedData:
     """The tokenised pairs of `source` (from the cache when the same inputs were seen before); with `sft`,
-    prompt/completion examples whose rejected side is a stub (see `PairTokenizer`)."""
-    settings = DataSettings.from_config(data_cfg, tokenizer, sft)
+    prompt/completion examples whose rejected side is a stub (see `PairTokenizer`); with `unpaired`, labelled
+    examples (`maxdpo.data.unpaired`)."""
+    settings = DataSettings.from_config(data_cfg, tokenizer, sft, unpaired)
     rows = load_rows(source, split)
     if len(rows) == 0:
         raise DataError(f"{source} (split '{split}') has no rows")
-    row_format = detect_format(rows.features, rows[0], data_cfg.columns, settings.format, source, sft)
+    row_format = detect_format(rows.features, rows[0], data_cfg.columns, settings.format, source, sft,
+                               unpaired is not None)
     if row_format.kind == "conversational" and settings.chat_template is None:
         raise DataError(f"{source} holds conversations but data.chat_template is 'auto' and the tokenizer has no chat "
                         "template; set data.chat_template to llama3, mistral, gemma, vicuna, chatml or a Jinja template")
@@ -206,7 +248,7 @@ def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, sft: bool = F
     builder = PairBuilder(tokenizer, settings, row_format)
     processes = data_cfg.num_proc or (min(MAX_AUTO_PROCESSES, os.cpu_count() or 1)
                                       if len(rows) >= MAX_AUTO_PROCESSES * chunk_rows else 1)
-    pairs, row_indices, dropped = [], [], []
+    pairs, row_indices, labels, dropped = [], [], [], []
     truncation = collections.Counter(truncated=0, truncated_prompt=0, truncated_completion=0, boundary_moved=0)
     progress = tqdm(total=len(rows), desc=f"tokenising {Path(source).name}", unit="rows", disable=not show_progress)
     pool = (multiprocessing.get_context("spawn").Pool(processes, initializer=_init_worker, initargs=(builder,))
@@ -219,11 +261,12 @@ def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, sft: bool = F
                 row, reason = result.invalid[0]
                 raise DataError(f"{source}: row {row}: {reason} (set data.skip_invalid: true to skip such rows)")
             dropped += result.invalid
-            for index, pair in result.pairs:
+            for index, pair, label in result.pairs:
                 row_indices.append(index)
                 pairs.append(pair)
+                labels.append(label)
             truncation.update(result.truncation)
-            progress.update(len(result.pairs) + len(result.invalid))
+            progress.update(len({index for index, _, _ in result.pairs}) + len(result.invalid))
     finally:
         progress.close()
         if pool is not None:
@@ -233,7 +276,12 @@ def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, sft: bool = F
     report = {"rows": len(rows), "pairs": len(pairs), **truncation, "dropped": len(dropped),
               "dropped_by_reason": dict(collections.Counter(_reason_kind(r) for _, r in dropped)),
               "first_dropped_row": dropped[0][0] if dropped else None}
-    store = PairStore.from_pairs(pairs, row_indices)
+    if unpaired is None:
+        store = PairStore.from_pairs(pairs, row_indices)
+    else:
+        store = _unpaired_store(pairs, row_indices, labels, unpaired, settings.max_length,
+                                from_preference_rows=row_format.label is None)
+        report["desirable"] = int(np.sum(store.labels))
     if data_cfg.cache:
         try:
             store.save(cache_path, report)

@@ -1,5 +1,6 @@
 """Preference losses as pure functions of per-pair log-probs: TRL's DPO family (with f-DPO's divergences), DPOP
-(Pal et al. 2024), and the reference-free CPO and SimPO (TRL's CPOTrainer) and ORPO (its ORPOTrainer).
+(Pal et al. 2024), and the reference-free CPO and SimPO (TRL's CPOTrainer) and ORPO (its ORPOTrainer); and the
+registry of every loss, the unpaired KTO and BCO too (their batch-level part is `maxdpo.dpo.unpaired`).
 
 Every loss maps `PairLogps` (each field [B], fp32) to a per-pair loss [B]; the step takes their mean over
 the batch's pairs. Notation: c = log πθ(y_w|x) − log π_ref(y_w|x), r = the same for y_l, d = c − r; without a
@@ -60,6 +61,8 @@ class LossHyper:
     discopop_tau: float = 0.05
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
+    desirable_weight: float = 1.0  # unpaired losses (KTO, APO-zero unpaired): weight of desirable examples
+    undesirable_weight: float = 1.0
 
 
 log_sigmoid = jax.nn.log_sigmoid
@@ -248,7 +251,8 @@ def orpo_metrics(x: PairLogps, h: LossHyper) -> dict[str, jax.Array]:
 class Loss:
     """What maxdpo knows about one loss: its function, its title (model card), the `dpo.*` hyper-parameters
     it reads besides beta, those it cannot do without (> 0), whether it needs a reference model, whether
-    it trains on single completions (no rejected side: SFT data) instead of preference pairs, whether its
+    it trains on single completions (no rejected side: SFT data) instead of preference pairs, or on labelled
+    single completions (an unpaired loss: its `anchor`, and `fn` the loss of a desirable example's z), whether its
     rewards (and logged logps) are per-token means of the policy's log-probs (SimPO, ORPO) rather than sums,
     whether it needs the chosen sequences' NLL with the prompt (ORPO), whether it takes f-DPO's scores, and the
     per-pair metrics it adds."""
@@ -262,11 +266,28 @@ class Loss:
     sequence_nll: bool = False
     f_divergence: bool = False  # honours dpo.f_divergence_type (TRL's set of losses on f-scores)
     batch_level: bool = False  # the loss of a pair depends on the other pairs of its micro-batch (aot)
+    anchor: str = ""  # unpaired losses (`maxdpo.dpo.unpaired`): kl | zero | running_mean; fn maps z to a loss
     metrics: Optional[Callable[[PairLogps, LossHyper], dict[str, jax.Array]]] = None
     hint: str = ""  # said with a missing required hyper-parameter
 
+    @property
+    def unpaired(self) -> bool:
+        """Trains on single completions labelled desirable or not (TRL's KTOTrainer and BCOTrainer)."""
+        return bool(self.anchor)
+
+
+def sigmoid_complement(z: jax.Array, h: LossHyper) -> jax.Array:
+    """KTO's and APO's value of an unpaired example: 1 − σ(z)."""
+    return 1 - jax.nn.sigmoid(z)
+
+
+def negative_log_sigmoid(z: jax.Array, h: LossHyper) -> jax.Array:
+    """BCO's binary cross-entropy of an unpaired example: −log σ(z)."""
+    return -log_sigmoid(z)
+
 
 SMOOTHING = ("label_smoothing",)
+UNPAIRED_WEIGHTS = ("desirable_weight", "undesirable_weight")
 LOSSES: dict[str, Loss] = {
     "sigmoid": Loss(sigmoid_loss, "DPO (Direct Preference Optimization)", reads=SMOOTHING, f_divergence=True),
     "ipo": Loss(ipo_loss, "IPO", f_divergence=True),
@@ -292,6 +313,9 @@ LOSSES: dict[str, Loss] = {
                   needs_reference=False, mean_logps=True, metrics=nll_metric),
     "orpo": Loss(orpo_loss, "ORPO (Odds Ratio Preference Optimization)", needs_reference=False, mean_logps=True,
                  sequence_nll=True, metrics=orpo_metrics),
+    "kto": Loss(sigmoid_complement, "KTO (Kahneman-Tversky Optimization)", reads=UNPAIRED_WEIGHTS, anchor="kl"),
+    "apo_zero_unpaired": Loss(sigmoid_complement, "APO-zero, unpaired", reads=UNPAIRED_WEIGHTS, anchor="zero"),
+    "bco": Loss(negative_log_sigmoid, "BCO (Binary Classifier Optimization)", anchor="running_mean"),
 }
 LOSS_NAMES = tuple(LOSSES)
 Terms = tuple[tuple[str, float], ...]  # a weighted list of losses: ((name, weight), ...)

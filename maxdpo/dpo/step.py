@@ -19,7 +19,7 @@ from flax import nnx
 from maxdpo.data.batch import Batch
 from maxdpo.dpo.logps import (completion_logps, length_desensitised_weights, next_token_labels,
                               shared_completion_logps, token_stats)
-from maxdpo.dpo import low_precision
+from maxdpo.dpo import low_precision, unpaired
 from maxdpo.dpo.freeze import TrainableSplit
 from maxdpo.dpo.losses import LossHyper, PairLogps, Terms, loss_record, preference_loss
 from maxdpo.kernels.attention_blocks import PREFIX_GROUP
@@ -177,13 +177,28 @@ def pair_metric_sums(policy: dict, reference: dict, settings: LossSettings, pair
     return sums["loss"], sums
 
 
-def finalize_metrics(sums: dict, sft: bool = False) -> dict:
+def metric_sums(policy: dict, reference: dict, settings: LossSettings, batch: Batch, scales: dict[str, jax.Array],
+                moments: Optional[dict], update: bool) -> tuple[jax.Array, dict, Optional[dict]]:
+    """(summed loss, metric sums, BCO's reward moments after this batch) of paired or unpaired examples."""
+    record = loss_record(settings.loss)
+    if not record.unpaired:
+        return (*pair_metric_sums(policy, reference, settings, batch.pair_mask, scales), moments)
+    aux = (settings.router_aux_coef, policy["aux_loss"]) if "aux_loss" in policy else None
+    return unpaired.metric_sums(record, settings.hyper, policy, reference, batch.pair_mask, batch.labels, moments,
+                                update, aux)
+
+
+def finalize_metrics(sums: dict, settings: LossSettings) -> dict:
     """Means over pairs; `logits/*` are means over all completion tokens of the batch, as TRL pools them.
-    SFT keeps what it defines: loss (mean NLL per completion token), logps/chosen and logits/chosen."""
+    SFT keeps what it defines: loss (mean NLL per completion token), logps/chosen and logits/chosen; unpaired
+    losses aggregate as their TRL trainers (`unpaired.finalize`)."""
+    record = loss_record(settings.loss)
+    if record.unpaired:
+        return unpaired.finalize(sums, record)
     metrics = {name: sums[name] / sums["pairs"] for name in PAIR_METRICS + ("aux_loss",) if name in sums}
     for side in ("chosen", "rejected"):
         metrics[f"logits/{side}"] = sums[f"logit_sums/{side}"] / jnp.maximum(sums[f"tokens/{side}"], 1.0)
-    if sft:
+    if settings.sft:
         metrics = {name: value for name, value in metrics.items() if name in SFT_METRICS}
     return metrics
 
@@ -212,7 +227,8 @@ class ReferenceSync:
 def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, num_micro: int, split: TrainableSplit,
                     base_reference: bool = False, sync: Optional[ReferenceSync] = None) -> Callable:
-    """train_step(state, ref_params, batch) -> (state, metrics); state = {step, params, opt_state}.
+    """train_step(state, ref_params, batch) -> (state, metrics); state = {step, params, opt_state}, and BCO's
+    running reward mean `reward_moments` (`unpaired.initial_moments`), moved by every micro-batch.
 
     The optimizer sees only `split.trainable(params)`; `ref_params` is None when the batch carries
     precomputed reference logps, or with `base_reference` (LoRA): the reference is then the policy's own
@@ -220,7 +236,7 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
     (`state["reference"]`, moved by `sync` after the update) and `ref_params` is None.
     """
 
-    def micro_step(trainable, frozen, ref_params, micro, scales):
+    def micro_step(trainable, frozen, ref_params, micro, scales, moments):
         if base_reference:
             ref_params = adapters_off(split.merge(trainable, frozen))
         reference = reference_stats(graphdef, ref_params, micro, settings)
@@ -228,10 +244,11 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
         def loss_fn(p):
             policy = sequence_stats(graphdef, split.merge(p, frozen), micro, settings.sequence_nll,
                                     settings.ld_alpha, settings.use_weighting)
-            return pair_metric_sums(policy, reference, settings, micro.pair_mask, scales)
+            loss, sums, new_moments = metric_sums(policy, reference, settings, micro, scales, moments, update=True)
+            return loss, (sums, new_moments)
 
-        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        return grads, sums
+        (_, (sums, moments)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        return grads, sums, moments
 
     def train_step(state: dict[str, Any], ref_params: Optional[dict], batch: Batch) -> tuple[dict, dict]:
         trainable, frozen = split.trainable(state["params"]), split.frozen(state["params"])
@@ -240,40 +257,46 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
         scales = token_scales(batch, settings)
 
         def accumulate(carry, micro):
-            grads, sums = micro_step(trainable, frozen, ref_params, micro, scales)
-            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+            grad_sums, sums, moments = carry
+            grads, micro_sums, moments = micro_step(trainable, frozen, ref_params, micro, scales, moments)
+            return (*jax.tree.map(jnp.add, (grad_sums, sums), (grads, micro_sums)), moments), None
 
         micro_batches = split_micro_batches(batch, num_micro)
+        moments = state.get("reward_moments")
         zero = jax.eval_shape(micro_step, trainable, frozen, ref_params,
-                              jax.tree.map(lambda x: x[0], micro_batches), scales)
+                              jax.tree.map(lambda x: x[0], micro_batches), scales, moments)[:2]
         zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
-        (grad_sums, sums), _ = jax.lax.scan(accumulate, zero, micro_batches)
+        (grad_sums, sums, moments), _ = jax.lax.scan(accumulate, (*zero, moments), micro_batches)
         # the gradient of the mean loss over pairs
         grads = split.zero_frozen_slices(jax.tree.map(lambda g: g / sums["pairs"], grad_sums))
         updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
         trainable = low_precision.apply_updates(trainable, split.zero_frozen_slices(updates), state["step"])
-        metrics = finalize_metrics(sums, sft=settings.sft)
+        metrics = finalize_metrics(sums, settings)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state["step"])
         new_state = {"step": state["step"] + 1, "params": split.merge(trainable, frozen), "opt_state": opt_state}
         if sync:
             new_state["reference"] = sync(new_state["step"], state["reference"], new_state["params"])
+        if moments is not None:
+            new_state["reward_moments"] = moments
         return new_state, metrics
 
     return train_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings, base_reference: bool = False) -> Callable:
-    """eval_step(params, ref_params, batch) -> metric sums (summed over pairs, for averaging over batches);
-    `base_reference` as in `make_train_step`; a moving reference (TR-DPO) is passed as `ref_params`."""
+    """eval_step(params, ref_params, batch, reward_moments) -> metric sums (summed over pairs, for averaging over
+    batches); `base_reference` as in `make_train_step`; a moving reference (TR-DPO) is passed as `ref_params`;
+    `reward_moments` is BCO's running reward mean (read, not moved), else None."""
 
-    def eval_step(params: dict, ref_params: Optional[dict], batch: Batch) -> dict:
+    def eval_step(params: dict, ref_params: Optional[dict], batch: Batch, reward_moments: Optional[dict]) -> dict:
         if base_reference:
             ref_params = adapters_off(params)
         reference = reference_stats(graphdef, ref_params, batch, settings)
         policy = sequence_stats(graphdef, params, batch, settings.sequence_nll, settings.ld_alpha,
                                 settings.use_weighting)
-        return pair_metric_sums(policy, reference, settings, batch.pair_mask, token_scales(batch, settings))[1]
+        return metric_sums(policy, reference, settings, batch, token_scales(batch, settings), reward_moments,
+                           update=False)[1]
 
     return eval_step
 
