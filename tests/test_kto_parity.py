@@ -26,9 +26,10 @@ from maxdpo.models.registry import get_family
 from test_trl_parity import ROWS as PAIRS, first_step
 from tokenizer_kinds import make_tokenizer
 
-# labelled single completions, desirable and undesirable mixed within every batch
+# 12 distinct labelled single completions, desirable and undesirable mixed within every 4 and every 6
+SIDES = ["chosen", "rejected", "rejected", "chosen", "chosen", "rejected"]
 UNPAIRED = [{"prompt": row["prompt"], "completion": row[side], "label": side == "chosen"}
-            for row, side in zip(PAIRS + PAIRS[::-1], ["chosen", "rejected", "rejected", "chosen"] * 3)]
+            for row, side in zip(PAIRS * 2, SIDES + [{"chosen": "rejected", "rejected": "chosen"}[s] for s in SIDES])]
 METRICS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
            "logits/chosen", "logits/rejected", "grad_norm")
 # (loss_type, beta, desirable_weight, undesirable_weight)
