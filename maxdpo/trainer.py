@@ -201,7 +201,7 @@ class Trainer:
             state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), program.abstract_state["step"].sharding),
                      "params": restored["params"], "opt_state": restored["opt_state"],
                      **({"reference": restored["reference"]} if "reference" in state else {})}
-            if "reward_moments" in state:  # exact float32 values through the checkpoint's JSON
+            if "reward_moments" in program.abstract_state:  # exact float32 values through the checkpoint's JSON
                 state["reward_moments"] = jax.device_put(
                     {name: np.float32(value) for name, value in meta["reward_moments"].items()},
                     program.state_shardings["reward_moments"])

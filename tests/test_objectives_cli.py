@@ -1,6 +1,8 @@
 """Every objective beyond DPO through `maxdpo.train` on the bundled data, packed and unpacked: a few steps that
-log TRL's metric names with finite values (their values against TRL are in test_trl_parity.py and
-test_trl_run_parity.py; SimPO and ORPO learning the default job, test_reference_free.py)."""
+log TRL's metric names with finite values (their values against TRL are in test_trl_parity.py,
+test_trl_run_parity.py, test_kto_parity.py and test_bco_parity.py; SimPO and ORPO learning the default job,
+test_reference_free.py). The unpaired losses take the bundled preference rows as TRL's KTOTrainer does: each
+pair becomes a desirable and an undesirable example."""
 import json
 import math
 
@@ -20,7 +22,12 @@ OBJECTIVES = {
     "tr-dpo": ["reference.sync_steps=2", "reference.mixup_alpha=0.6"],
     "ld-dpo": ["dpo.ld_alpha=0.5"],
     "wpo": ["dpo.use_weighting=true"],
+    "kto": ["dpo.loss=kto", "dpo.undesirable_weight=1.2"],
+    "kto-shared-prompt": ["dpo.loss=kto", "data.prefix_sharing=true"],
+    "apo_zero_unpaired": ["dpo.loss=apo_zero_unpaired"],
+    "bco": ["dpo.loss=bco", "reference.precompute=true"],
 }
+UNPAIRED = ("kto", "kto-shared-prompt", "apo_zero_unpaired", "bco")
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -36,6 +43,11 @@ def test_objective_trains_through_the_cli(tmp_path, objective, packing):
     names = ["loss", "grad_norm", "rewards/margins", "logps/chosen", "logits/rejected"]
     names += ["nll_loss"] if objective in ("cpo", "simpo", "orpo") else []
     names += ["log_odds_ratio"] if objective == "orpo" else []
+    names += ["delta" if objective == "bco" else "kl"] if objective in UNPAIRED else []
     for row in train_rows:
         assert all(math.isfinite(row[name]) for name in names), row
-    assert math.isfinite(eval_rows[-1]["eval_rewards/accuracies"])
+    # unpaired: the eval pairs unpair as TRL does (every chosen example, then every rejected one), so each eval
+    # batch holds one kind and defines no margin
+    eval_name = ("eval_delta" if objective == "bco" else "eval_kl") if objective in UNPAIRED else \
+        "eval_rewards/accuracies"
+    assert math.isfinite(eval_rows[-1][eval_name]) and math.isfinite(eval_rows[-1]["eval_loss"])
