@@ -66,6 +66,10 @@ class Batch:
                    ref_logps=jax.ShapeDtypeStruct((rows, slots, 2), jnp.float32) if ref_logps else None,
                    labels=per_slot if labels else None)
 
+    def side(self, index: int) -> "Batch":
+        """The paired layout's chosen (0) or rejected (1) sequences alone: sequence fields [rows, 1, T]."""
+        return self.replace(**{name: getattr(self, name)[:, index:index + 1] for name in SEQUENCE_FIELDS})
+
     def flat(self, name: str) -> jax.Array:
         """A sequence field with rows and sides merged: [rows * sides, T]."""
         value = getattr(self, name)

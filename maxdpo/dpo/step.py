@@ -53,6 +53,11 @@ class LossSettings:
         return loss_record(self.loss).sequence_nll
 
     @property
+    def detached_rejected(self) -> bool:
+        """The rejected place's log-probs take no gradient (KTO's mismatched sequences feed only its KL estimate)."""
+        return loss_record(self.loss).anchor == "kl"
+
+    @property
     def sft(self) -> bool:
         """Trains on single completions (no rejected side, no rewards to log)."""
         return loss_record(self.loss).completions
@@ -83,8 +88,10 @@ def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch, sequence_
     else:
         sums = completion_logps(tokens, completion_mask, segment_ids, slots)
 
-        def per_pair(values):  # [2B, K] -> [B*K, 2]
-            return values.reshape(rows, 2, slots).transpose(0, 2, 1).reshape(rows * slots, 2)
+        sides = batch.input_ids.shape[1]  # 2, or 1 for one side alone (`Batch.side`)
+
+        def per_pair(values):  # [B*sides, K] -> [B*K, sides]
+            return values.reshape(rows, sides, slots).transpose(0, 2, 1).reshape(rows * slots, sides)
 
         stats = dict(zip(("logps", "logit_sums", "counts"), map(per_pair, sums)))
         if ld_alpha is not None:
@@ -102,6 +109,14 @@ def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch, sequence_
     if model.spec.num_experts:
         stats["aux_loss"] = aux_loss
     return stats
+
+
+def with_rejected(chosen: dict, rejected: dict) -> dict:
+    """Per-pair stats ([B*K, 2]) from those of the chosen and of the rejected sequences alone ([B*K, 1] each); a
+    router loss is the chosen forward's."""
+    joined = {name: jnp.concatenate([chosen[name], rejected[name]], axis=1) for name in ("logps", "logit_sums",
+                                                                                         "counts")}
+    return {**joined, **({"aux_loss": chosen["aux_loss"]} if "aux_loss" in chosen else {})}
 
 
 def reference_stats(graphdef: nnx.GraphDef, ref_params: Optional[dict], batch: Batch,
@@ -240,10 +255,17 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
         if base_reference:
             ref_params = adapters_off(split.merge(trainable, frozen))
         reference = reference_stats(graphdef, ref_params, micro, settings)
+        # KTO's mismatched sequences: a forward pass of their own outside the differentiated one (two-row layout)
+        detached = settings.detached_rejected and not micro.shared
+        rejected = (jax.lax.stop_gradient(sequence_stats(graphdef, split.merge(trainable, frozen), micro.side(1)))
+                    if detached else None)
 
         def loss_fn(p):
-            policy = sequence_stats(graphdef, split.merge(p, frozen), micro, settings.sequence_nll,
-                                    settings.ld_alpha, settings.use_weighting)
+            if detached:
+                policy = with_rejected(sequence_stats(graphdef, split.merge(p, frozen), micro.side(0)), rejected)
+            else:
+                policy = sequence_stats(graphdef, split.merge(p, frozen), micro, settings.sequence_nll,
+                                        settings.ld_alpha, settings.use_weighting)
             loss, sums, new_moments = metric_sums(policy, reference, settings, micro, scales, moments, update=True)
             return loss, (sums, new_moments)
 
