@@ -88,7 +88,7 @@ def maxdpo_step(tmp, batch, loss, beta, desirable, undesirable, num_micro=1):
     step = jax.jit(make_train_step(graphdef, settings, tx, optax.constant_schedule(1e-3), num_micro, split))
     state = {"step": np.int32(0), "params": params, "opt_state": tx.init(split.trainable(params))}
     _, metrics = step(state, ref_params, batch)
-    eval_sums = jax.jit(make_eval_step(graphdef, settings))(params, ref_params, batch, None)
+    eval_sums = jax.jit(make_eval_step(graphdef, settings))(params, ref_params, batch)
     return metrics, finalize_metrics(eval_sums, settings)
 
 

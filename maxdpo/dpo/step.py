@@ -311,7 +311,8 @@ def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings, base_referenc
     batches); `base_reference` as in `make_train_step`; a moving reference (TR-DPO) is passed as `ref_params`;
     `reward_moments` is BCO's running reward mean (read, not moved), else None."""
 
-    def eval_step(params: dict, ref_params: Optional[dict], batch: Batch, reward_moments: Optional[dict]) -> dict:
+    def eval_step(params: dict, ref_params: Optional[dict], batch: Batch,
+                  reward_moments: Optional[dict] = None) -> dict:
         if base_reference:
             ref_params = adapters_off(params)
         reference = reference_stats(graphdef, ref_params, batch, settings)
