@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxdpo.dpo.losses import LOSS_NAMES, LossHyper, PairLogps, preference_loss
+from maxdpo.dpo.losses import LOSS_NAMES, LOSSES, LossHyper, PairLogps, preference_loss
 
 RNG = np.random.default_rng(0)
 
@@ -144,9 +144,17 @@ def test_sft_weight_adds_the_token_mean_nll():
 
 
 def test_every_loss_is_finite_and_differentiable():
+    """Pair losses on random log-probs; the unpaired ones (maxdpo/dpo/unpaired.py) on z = reward - anchor, up to
+    the extremes."""
     x = _random_logps()
+    z = jnp.concatenate([jnp.asarray(x.policy_chosen - x.ref_chosen), jnp.asarray([-1e4, 1e4])])
     for name in LOSS_NAMES:
         hyper = LossHyper(0.1, 1e-3 if name == "exo_pair" else 0.0)  # discopop: tau 0.05 by default
+        if LOSSES[name].unpaired:
+            values = LOSSES[name].fn(z, hyper)
+            grads = jax.grad(lambda v: jnp.sum(LOSSES[name].fn(v, hyper)))(z)
+            assert np.isfinite(values).all() and np.isfinite(grads).all() and (values >= 0).all(), name
+            continue
         values = preference_loss(name, x, hyper)
         grads = jax.grad(lambda pc: jnp.sum(preference_loss(name, x._replace(policy_chosen=pc), hyper)))(
             jnp.asarray(x.policy_chosen))

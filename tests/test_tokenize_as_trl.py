@@ -53,7 +53,7 @@ def maxdpo_pairs(tokenizer, rows, chat_template="auto"):
     row_format = detect_format(dataset.features, rows[0], DataConfig().columns, "auto", "rows")
     result = PairBuilder(tokenizer, settings, row_format).build(rows, 0)
     assert not result.invalid
-    return [pair for _, pair in result.pairs], result.truncation["boundary_moved"]
+    return [pair for _, pair, _ in result.pairs], result.truncation["boundary_moved"]
 
 
 def assert_same(trl_rows, pairs):
