@@ -199,6 +199,21 @@ class ExportConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    samples: int = free(0)  # at each evaluation, sample this many fixed eval prompts (samples.jsonl, TensorBoard)
+    max_new_tokens: int = free(64)
+    temperature: float = free(0.0)  # 0: greedy
+
+
+@dataclasses.dataclass
+class LogConfig:
+    wandb: bool = free(False)  # also log to Weights & Biases (`pip install maxdpo[wandb]`; WANDB_MODE=offline works)
+    project: str = free("maxdpo")
+    name: Optional[str] = free(None)  # None: run.name
+    tags: list = free(default_factory=list)
+
+
+@dataclasses.dataclass
 class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -208,6 +223,8 @@ class Config:
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    eval: EvalConfig = free(default_factory=EvalConfig)
+    log: LogConfig = free(default_factory=LogConfig)
     mesh: MeshConfig = free(default_factory=MeshConfig)
     freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
@@ -456,6 +473,9 @@ def check_values(cfg: Config) -> None:
                           f"{cfg.reference.sync_steps}")
     if not 0.0 < cfg.reference.mixup_alpha <= 1.0:
         raise ConfigError(f"config key 'reference.mixup_alpha' must be in (0, 1], got {cfg.reference.mixup_alpha}")
+    if cfg.eval.samples < 0 or cfg.eval.max_new_tokens < 1 or cfg.eval.temperature < 0:
+        raise ConfigError("config keys 'eval.samples' (>= 0), 'eval.max_new_tokens' (>= 1) and 'eval.temperature' "
+                          f"(>= 0) are out of range: {cfg.eval}")
     for key in ("dpop_lambda", "simpo_gamma", "sft_weight", "desirable_weight", "undesirable_weight"):
         if getattr(cfg.dpo, key) < 0:
             raise ConfigError(f"config key 'dpo.{key}' must be >= 0, got {getattr(cfg.dpo, key)}")

@@ -21,9 +21,9 @@ from typing import Iterator
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
                    "chat_template.json")
-# What an export writes: weights (one file or shards + index), config, card, tokenizer files.
+# What an export writes: weights (one file or shards + index), config, card and its curves, tokenizer files.
 EXPORT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-                   "README.md", *TOKENIZER_FILES)
+                   "README.md", "curves.png", *TOKENIZER_FILES)
 
 
 def is_export(folder: Path) -> bool:

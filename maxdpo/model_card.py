@@ -6,13 +6,16 @@ from __future__ import annotations
 import importlib.metadata
 import math
 from pathlib import Path
+from typing import Optional
 
 from maxdpo.atomic import write_text
 from maxdpo.config import Config
 from maxdpo.dpo.losses import loss_record
 from maxdpo.metrics_log import read_rows
+from maxdpo.plot import draw_curves
 
 # (column title, eval metric) after Training Loss, Epoch, Step, in the Notux card's order.
+CURVES = "curves.png"  # the card's picture of the run's curves, beside it
 EVAL_COLUMNS = (("Validation Loss", "eval_loss"), ("Rewards/chosen", "eval_rewards/chosen"),
                 ("Rewards/rejected", "eval_rewards/rejected"), ("Rewards/accuracies", "eval_rewards/accuracies"),
                 ("Rewards/margins", "eval_rewards/margins"), ("Logps/rejected", "eval_logps/rejected"),
@@ -95,7 +98,8 @@ def hyperparameters(cfg: Config, mesh: dict[str, int], data_parallel: int) -> li
     return lines
 
 
-def render(cfg: Config, rows: list[dict], mesh: dict[str, int], data_parallel: int) -> str:
+def render(cfg: Config, rows: list[dict], mesh: dict[str, int], data_parallel: int,
+           curves: Optional[str] = None) -> str:
     base = cfg.model.path or f"a randomly initialised {cfg.model.family} model"
     data = cfg.data.train
     front = ["---", "library_name: transformers", *([f"base_model: {cfg.model.path}"] if cfg.model.path else []),
@@ -112,14 +116,21 @@ def render(cfg: Config, rows: list[dict], mesh: dict[str, int], data_parallel: i
             *(f"- {line}" for line in hyperparameters(cfg, mesh, data_parallel)),
             "### Training results", results_table(rows) if any("eval_loss" in r for r in rows)
             else "No evaluation was run (data.eval not set).",
+            *([f"![Training curves: loss, reward margin and accuracy, log-probs, learning rate]({curves})"]
+              if curves else []),
             "### Framework versions", *(f"- {name} {_version(package)}" for name, package in FRAMEWORKS)]
     return "\n".join(front + body) + "\n"
 
 
 def write_model_card(out_dir: Path, cfg: Config, metrics_path: Path, step: int, mesh: dict[str, int],
                      data_parallel: int) -> Path:
-    """README.md in `out_dir`, with the results logged in `metrics_path` up to `step`."""
+    """README.md in `out_dir`, with the results logged in `metrics_path` up to `step` and their curves
+    (`curves.png`, drawn by `maxdpo.plot`)."""
     rows = [row for row in read_rows(metrics_path) if row["step"] <= step]
+    curves = None
+    if rows:
+        draw_curves([metrics_path.parent], Path(out_dir) / CURVES, labels=[cfg.run.name])
+        curves = CURVES
     path = Path(out_dir) / "README.md"
-    write_text(path, render(cfg, rows, mesh, data_parallel))
+    write_text(path, render(cfg, rows, mesh, data_parallel, curves))
     return path

@@ -30,6 +30,7 @@ from maxdpo.model_card import write_model_card
 from maxdpo.program import TrainProgram, architecture_from_config, build_train_program, check_layout
 from maxdpo.resume import check_architecture, check_resumable, resume_point
 from maxdpo.run_lock import run_folder_lock
+from maxdpo.sampling import SamplingSettings, completions, left_padded, make_sampler, stop_token_ids
 from maxdpo.sharding import make_mesh
 from maxdpo.weights import host_params, initial_params, reference_params
 
@@ -132,6 +133,7 @@ class Trainer:
         self.data = prepare_run_data(cfg, self.tokenizer, spec.vocab_size)
         self.total_steps = self.data.total_steps(cfg.trainer.max_steps)
         self.program = build_train_program(cfg, self.mesh, self.total_steps, spec)
+        self._sampler = None  # eval.samples' jitted sampler, built at the first evaluation
         log.info("model: %s, %.2fM parameters, %d layers; mesh %s; process %d of %d", spec.family,
                  spec.num_params() / 1e6, spec.num_layers, dict(self.mesh.shape), jax.process_index(),
                  jax.process_count())
@@ -186,6 +188,7 @@ class Trainer:
         if self.is_main:
             with atomic_path(self.run_dir / "config.yaml") as tmp:
                 save_config(cfg, tmp)
+        log.info("weights: %s", f"loading {cfg.model.path}" if cfg.model.path else "random init")
         params = initial_params(program)
         ref_params, data = self.prepare_reference(params)
         if program.split.freezes_anything:
@@ -207,7 +210,12 @@ class Trainer:
                     program.state_shardings["reward_moments"])
             saved_window = meta.get("log_window", [])
             log.info("resuming from %s at step %d", store.directory / str(start), start)
-        metrics_log = MetricsLog(self.run_dir, self.total_steps, start, enabled=self.is_main)
+        log_cfg = cfg.log
+        wandb = (dict(project=log_cfg.project, name=log_cfg.name or cfg.run.name, tags=log_cfg.tags,
+                      config=to_dict(cfg)) if log_cfg.wandb else None)
+        metrics_log = MetricsLog(self.run_dir, self.total_steps, start, enabled=self.is_main, wandb=wandb)
+        if start < self.total_steps:
+            log.info("compiling the train step (XLA, on the first batch; minutes for large models)")
         try:
             window = [{name: np.float32(value) for name, value in metrics.items()} for metrics in saved_window]
             state, last_row, eval_row = self._steps(state, ref_params, data, batches, start, window, store,
@@ -261,6 +269,8 @@ class Trainer:
                    **evaluate(program, state["params"], state.get("reference", ref_params), data.eval,
                               state.get("reward_moments"))}
             metrics_log.write(row)
+            if self.cfg.eval.samples:
+                metrics_log.write_samples(step, self._samples(state["params"], data.eval))
             return row
 
         for step in range(start + 1, self.total_steps + 1):
@@ -315,6 +325,24 @@ class Trainer:
         store.wait()
         raise Preempted(f"stopped by {signal.Signals(signum).name} at step {step} of {self.total_steps}; checkpoint "
                         f"{store.directory / str(step)} is saved; run the same command again to resume", signum)
+
+    def _samples(self, params: dict, batches: BatchBuilder) -> list[dict]:
+        """The policy's completions of the first `eval.samples` eval prompts (as tokenised for training), with
+        each one's chosen completion."""
+        cfg, tokenizer = self.cfg.eval, self.tokenizer
+        if self._sampler is None:
+            settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature)
+            self._stops = stop_token_ids(tokenizer)
+            self._sampler = make_sampler(self.program.graphdef, settings, self._stops, tokenizer.pad_token_id)
+        pairs = [batches.store.pair(i) for i in range(min(cfg.samples, len(batches.store)))]
+        prompts = [pair.chosen[:pair.chosen_prompt_len].tolist() for pair in pairs]
+        ids, mask = left_padded(prompts, tokenizer.pad_token_id)
+        tokens = np.asarray(self._sampler(params, ids, mask, jax.random.key(self.cfg.run.seed)))
+
+        def text(ids) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True)
+        return [{"prompt": text(prompt), "chosen": text(pair.chosen[pair.chosen_prompt_len:]), "sample": text(sample)}
+                for prompt, pair, sample in zip(prompts, pairs, completions(tokens, self._stops))]
 
     def export(self, params: dict, out_dir: Path, step: int) -> None:
         """Weights, tokenizer and model card; every process takes part in gathering, the first one writes."""

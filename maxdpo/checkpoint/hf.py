@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from maxdpo.atomic import write_text
 from maxdpo.checkpoint.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
@@ -167,7 +168,9 @@ def load_params(path: str | os.PathLike, spec: Architecture, family: Family, par
     """Nested dict of numpy arrays in `param_dtype`, read tensor by tensor into one array per parameter."""
     reader = CheckpointReader(path, spec, family, param_dtype)
     params: dict = {}
-    for entry in family.param_entries(spec):
+    entries = family.param_entries(spec)
+    for entry in tqdm(entries, desc=f"loading {Path(path).name}", unit="tensors",
+                      disable=jax.process_index() != 0 or len(entries) < 16):
         target = reader.target(entry)
         array = np.empty(target.shape, target.dtype)
         for index, name in entry.tensors(spec):
@@ -182,7 +185,9 @@ def load_params_sharded(path: str | os.PathLike, spec: Architecture, family: Fam
     devices need and keeps only its own blocks, so no host ever holds the whole model."""
     reader = CheckpointReader(path, spec, family, param_dtype)
     params: dict = {}
-    for entry in family.param_entries(spec):
+    entries = family.param_entries(spec)
+    for entry in tqdm(entries, desc=f"loading {Path(path).name}", unit="tensors",
+                      disable=jax.process_index() != 0 or len(entries) < 16):
         shape, sharding = reader.target(entry).shape, _get_path(shardings, entry.path)
         unique = {_block_key(index, shape): index
                   for index in sharding.addressable_devices_indices_map(shape).values()}

@@ -110,8 +110,16 @@ class ChatRenderer:
         except Exception as err:  # jinja's raise_exception and template errors alike
             raise TemplateError(f"the chat template cannot render this conversation: {err}") from err
 
-    def __call__(self, prompt: list[dict], completion: list[dict]) -> tuple[str, str]:
+    def _with_system(self, prompt: list[dict]) -> list[dict]:
         if self.system_prompt and prompt[0]["role"] != "system":
-            prompt = [{"role": "system", "content": self.system_prompt}] + prompt
+            return [{"role": "system", "content": self.system_prompt}] + prompt
+        return prompt
+
+    def prompt_text(self, prompt: list[dict]) -> str:
+        """The prompt rendered up to the start of the assistant's turn (what sampling continues)."""
+        return self._render(self._with_system(prompt), add_generation_prompt=True)
+
+    def __call__(self, prompt: list[dict], completion: list[dict]) -> tuple[str, str]:
+        prompt = self._with_system(prompt)
         return (self._render(prompt, add_generation_prompt=True),
                 self._render(prompt + completion, add_generation_prompt=False))

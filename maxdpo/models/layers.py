@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -178,21 +178,47 @@ class Attention(nnx.Module):
         self.spec = spec
         self.impl = execution.attention
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 sliding_window: Optional[int] = None, shared_prefix: bool = False) -> jax.Array:
-        """shared_prefix: rows in the prefix-sharing layout (segment ids per `attention_blocks.PREFIX_GROUP`)."""
+    def _rotated_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         q = project(self, "q_proj", x)  # [B, T, N, H]
         k = project(self, "k_proj", x)  # [B, T, K, H]
         v = project(self, "v_proj", x)  # [B, T, K, H]
         inv_freq = rope_inverse_frequencies(self.spec)
-        q = apply_rotary(q, positions, inv_freq)
-        k = apply_rotary(k, positions, inv_freq)
+        return apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq), v
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 sliding_window: Optional[int] = None, shared_prefix: bool = False) -> jax.Array:
+        """shared_prefix: rows in the prefix-sharing layout (segment ids per `attention_blocks.PREFIX_GROUP`)."""
+        q, k, v = self._rotated_qkv(x, positions)
         out = dot_product_attention(
             q, k, v, impl=self.impl, q_positions=positions, kv_positions=positions,
             q_segment_ids=segment_ids, kv_segment_ids=segment_ids, scale=self.spec.attention_scale,
             sliding_window=sliding_window, logit_softcap=self.spec.attn_logit_softcap,
             shared_prefix=shared_prefix)
         return project(self, "o_proj", out, contract=2)  # [B, T, D]
+
+    def decode(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, sliding_window: Optional[int],
+               cache: "LayerCache") -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Attention of new tokens x [B, T, D] over the cached keys and values with theirs written at
+        `cache.index` (the XLA path: a few query rows); returns (out [B, T, D], the layer's new (k, v))."""
+        q, k, v = self._rotated_qkv(x, positions)
+        keys = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache.index, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.index, axis=1)
+        out = dot_product_attention(
+            q, keys.astype(q.dtype), values.astype(q.dtype), impl="xla", q_positions=positions,
+            kv_positions=cache.positions, q_segment_ids=segment_ids, kv_segment_ids=cache.segment_ids,
+            scale=self.spec.attention_scale, sliding_window=sliding_window,
+            logit_softcap=self.spec.attn_logit_softcap)
+        return project(self, "o_proj", out, contract=2), (keys, values)
+
+
+class LayerCache(NamedTuple):
+    """One layer's view of the decode cache: its keys and values [B, S, K, H], every layer's key positions and
+    segment ids [B, S] (the new tokens' already written; segment 0: empty) and where the new tokens go."""
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
 
 
 class GatedMLP(nnx.Module):

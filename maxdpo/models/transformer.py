@@ -5,13 +5,13 @@ to run it (dtypes, kernels, remat, scan).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maxdpo.models.layers import Attention, GatedMLP, RMSNorm, make_param, token_matmul
+from maxdpo.models.layers import Attention, GatedMLP, LayerCache, RMSNorm, make_param, token_matmul
 from maxdpo.models.moe import MoE, load_balancing_loss
 from maxdpo.models.spec import Architecture, Execution
 
@@ -19,6 +19,16 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer [L, B, S, K, H]; the positions and segment ids of the cached tokens
+    [B, S] (0: an empty slot, or padding); `length`: slots filled (the next tokens' index)."""
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+    length: jax.Array
 
 
 class Block(nnx.Module):
@@ -42,7 +52,15 @@ class Block(nnx.Module):
                  sliding_window: Optional[int], shared_prefix: bool) -> tuple[jax.Array, Optional[jax.Array]]:
         """Returns (x [B, T, D], MoE balance statistics [2, E] or None)."""
         h = self.attn(self.attn_norm(x), positions, segment_ids, sliding_window, shared_prefix)
-        x = x + (self.post_attn_norm(h) if self.post_norms else h)
+        return self._mlp_residual(x + (self.post_attn_norm(h) if self.post_norms else h), segment_ids)
+
+    def decode(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, sliding_window: Optional[int],
+               cache: LayerCache) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The block on new tokens x [B, T, D] against the decode cache; (x, this layer's new keys and values)."""
+        h, kv = self.attn.decode(self.attn_norm(x), positions, segment_ids, sliding_window, cache)
+        return self._mlp_residual(x + (self.post_attn_norm(h) if self.post_norms else h), segment_ids)[0], kv
+
+    def _mlp_residual(self, x: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
         h = self.mlp_norm(x)
         statistics = None
         if self.is_moe:
@@ -130,22 +148,76 @@ class Transformer(nnx.Module):
         without MoE). input_ids [B, T]; positions [B, T] (default 0..T-1); segment_ids [B, T] (0 = padding)
         or an attention_mask [B, T] of 1/0 as in transformers; shared_prefix: rows laid out
         prompt | chosen | rejected (`maxdpo.data.prefix_sharing`)."""
-        spec, dtype = self.spec, self.execution.dtype
+        spec = self.spec
         batch, seq = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         if segment_ids is None:
             segment_ids = (jnp.ones((batch, seq), jnp.int32) if attention_mask is None
                            else attention_mask.astype(jnp.int32))
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)  # [B, T, D]
-        if spec.scale_embeddings:
-            x = x * jnp.asarray(spec.hidden_size ** 0.5, dtype)
-        x, statistics = self._run_layers(x, positions, segment_ids, shared_prefix)
+        x, statistics = self._run_layers(self._embed(input_ids), positions, segment_ids, shared_prefix)
         aux_loss = jnp.zeros((), jnp.float32)
         if statistics:
             num_rows = jnp.sum(segment_ids > 0).astype(jnp.float32) * spec.num_layers
             aux_loss = load_balancing_loss(sum(statistics), num_rows)
         return self.final_norm(x), aux_loss
+
+    def _embed(self, input_ids: jax.Array) -> jax.Array:
+        """[B, T] ids -> [B, T, D] in the compute dtype (Gemma scales by sqrt(D))."""
+        dtype = self.execution.dtype
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)  # [B, T, D]
+        if self.spec.scale_embeddings:
+            x = x * jnp.asarray(self.spec.hidden_size ** 0.5, dtype)
+        return x
+
+    def decode(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """New tokens [B, T] (a left-padded prompt, then one token a step) at `positions` [B, T] with segment
+        ids [B, T] (1, 0 on padding), attending to the cache: (fp32 logits of the last position [B, V], the
+        cache with their keys and values)."""
+        spec, index = self.spec, cache.length
+        kv_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, index, axis=1)
+        kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, index, axis=1)
+        graphdef, stacked = nnx.split(self.layers)
+        windows = spec.layer_windows()
+
+        def layer(h, layer_index, window, k, v):
+            layer_state = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, layer_index, keepdims=False),
+                                       stacked)
+            return nnx.merge(graphdef, layer_state).decode(h, positions, segment_ids, window,
+                                                           LayerCache(k, v, kv_positions, kv_segments, index))
+
+        x, period = self._embed(input_ids), layer_period(windows)
+        if spec.num_layers % period:  # windows with no period: every layer in turn
+            new = [None] * spec.num_layers
+            for i in range(spec.num_layers):
+                x, new[i] = layer(x, i, windows[i], cache.k[i], cache.v[i])
+            keys, values = (jnp.stack([kv[i] for kv in new]) for i in (0, 1))
+        else:
+            groups = spec.num_layers // period
+
+            def group(h, inputs):  # a scan over groups of `period` layers, each window static in its group
+                group_index, k, v = inputs  # k, v [period, B, S, K, H]
+                kvs = []
+                for offset in range(period):
+                    h, kv = layer(h, group_index * period + offset, windows[offset], k[offset], v[offset])
+                    kvs.append(kv)
+                return h, tuple(jnp.stack([kv[i] for kv in kvs]) for i in (0, 1))
+
+            def grouped(t):  # [L, ...] -> [L / period, period, ...]
+                return t.reshape(groups, period, *t.shape[1:])
+            x, (keys, values) = jax.lax.scan(group, x, (jnp.arange(groups), grouped(cache.k), grouped(cache.v)))
+            keys, values = (t.reshape(spec.num_layers, *t.shape[2:]) for t in (keys, values))
+        logits = self.vocab_projection()(self.final_norm(x[:, -1]))  # [B, V]
+        return logits, KVCache(keys, values, kv_positions, kv_segments, index + input_ids.shape[1])
+
+    def empty_cache(self, batch: int, max_length: int) -> KVCache:
+        """A decode cache for `batch` rows of up to `max_length` tokens, in the compute dtype."""
+        spec = self.spec
+        shape = (spec.num_layers, batch, max_length, spec.num_kv_heads, spec.head_dim)
+        zeros = jnp.zeros(shape, self.execution.dtype)
+        ids = jnp.zeros((batch, max_length), jnp.int32)
+        return KVCache(zeros, zeros, ids, ids, jnp.zeros((), jnp.int32))
 
     def vocab_projection(self) -> Callable[[jax.Array], jax.Array]:
         """hidden [..., D] -> fp32 logits [..., V] (tied or separate head, final soft-cap)."""

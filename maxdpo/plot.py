@@ -1,0 +1,80 @@
+"""`python -m maxdpo.plot RUN [RUN ...] -o curves.png`: a run's training curves, several runs overlaid.
+
+Panels: loss, reward margin, reward accuracy, chosen and rejected log-probs, learning rate; train values as
+lines, evaluations as dashed lines with markers, one colour per run. A metric a run does not log (KTO has
+no reward accuracy) leaves its panel without that run. The final export's model card embeds this picture.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from maxdpo.metrics_log import read_rows
+
+PANELS = (("loss", ("loss",)), ("reward margin", ("rewards/margins",)), ("reward accuracy", ("rewards/accuracies",)),
+          ("log-probs: chosen (solid), rejected (dotted)", ("logps/chosen", "logps/rejected")),
+          ("learning rate", ("learning_rate",)))
+STYLES = {"logps/rejected": ":"}
+
+
+def _series(rows: list[dict], name: str) -> tuple[list[int], list[float]]:
+    points = [(row["step"], row[name]) for row in rows if name in row]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def draw_curves(runs: list[Path], out: Path, labels: Optional[list[str]] = None) -> None:
+    """Draws the curves of each run folder's metrics.jsonl into the image `out` (PNG, or by its suffix)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = labels or [run.name for run in runs]
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6), squeeze=False)
+    for color, (run, label) in enumerate(zip(runs, labels)):
+        rows = read_rows(run / "metrics.jsonl")
+        if not rows:
+            raise FileNotFoundError(f"{run / 'metrics.jsonl'} has no logged rows")
+        for axis, (_, names) in zip(axes[0], PANELS):
+            for name in names:
+                style = STYLES.get(name, "-")
+                steps, values = _series(rows, name)
+                if steps:
+                    axis.plot(steps, values, style, color=f"C{color}", label=label if name == names[0] else None)
+                steps, values = _series(rows, f"eval_{name}")
+                if steps:
+                    axis.plot(steps, values, "--" if style == "-" else style, marker="o", markersize=3,
+                              color=f"C{color}", label=f"{label} (eval)" if name == names[0] else None)
+    for axis, (title, _) in zip(axes[0], PANELS):
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m maxdpo.plot", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with a metrics.jsonl)")
+    parser.add_argument("-o", "--out", type=Path, default=Path("curves.png"))
+    parser.add_argument("--labels", nargs="+", help="one legend label per run (default: the folder names)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.labels and len(args.labels) != len(args.runs):
+        print(f"maxdpo: error: --labels gives {len(args.labels)} labels for {len(args.runs)} runs", file=sys.stderr)
+        return 2
+    try:
+        draw_curves(args.runs, args.out, args.labels)
+    except OSError as err:
+        print(f"maxdpo: error: {err}", file=sys.stderr)
+        return 2
+    print(f"maxdpo: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
