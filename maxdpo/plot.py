@@ -1,8 +1,9 @@
 """`python -m maxdpo.plot RUN [RUN ...] -o curves.png`: a run's training curves, several runs overlaid.
 
-Panels: loss, reward margin, reward accuracy, chosen and rejected log-probs, learning rate; train values as
-lines, evaluations as dashed lines with markers, one colour per run. A metric a run does not log (KTO has
-no reward accuracy) leaves its panel without that run. The final export's model card embeds this picture.
+Panels: loss, reward margin, reward accuracy, chosen and rejected rewards and log-probs, learning rate; train
+values as lines, evaluations as dashed lines with markers, one colour per run. A metric a run does not log
+(KTO has no reward accuracy) leaves its panel without that run. The final export's model card embeds this
+picture.
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from typing import Optional
 from maxdpo.metrics_log import read_rows
 
 PANELS = (("loss", ("loss",)), ("reward margin", ("rewards/margins",)), ("reward accuracy", ("rewards/accuracies",)),
+          ("rewards: chosen (solid), rejected (dotted)", ("rewards/chosen", "rewards/rejected")),
           ("log-probs: chosen (solid), rejected (dotted)", ("logps/chosen", "logps/rejected")),
           ("learning rate", ("learning_rate",)))
-STYLES = {"logps/rejected": ":"}
+COLUMNS = 3
+STYLES = {"rewards/rejected": ":", "logps/rejected": ":"}
 
 
 def _series(rows: list[dict], name: str) -> tuple[list[int], list[float]]:
@@ -31,7 +34,10 @@ def draw_curves(runs: list[Path], out: Path, labels: Optional[list[str]] = None)
     import matplotlib.pyplot as plt
 
     labels = labels or [run.name for run in runs]
-    figure, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6), squeeze=False)
+    rows_of_panels = -(-len(PANELS) // COLUMNS)
+    figure, axes = plt.subplots(rows_of_panels, COLUMNS, figsize=(4.6 * COLUMNS, 3.4 * rows_of_panels),
+                                squeeze=False)
+    axes = axes.reshape(1, -1)
     for color, (run, label) in enumerate(zip(runs, labels)):
         rows = read_rows(run / "metrics.jsonl")
         if not rows:

@@ -90,6 +90,10 @@ def test_the_cli_completes_prompts_as_transformers_generate(tmp_path):
     assert generate.main([str(tmp_path / "model"), "--data", str(data), "--max-new-tokens", "9",
                           "--out", str(out)]) == 0
     assert _jsonl(out) == rows
+    # the weights split over FSDP and tensor axes of the 8-device test mesh: the same completions
+    assert generate.main([str(tmp_path / "model"), "--data", str(data), "--max-new-tokens", "9", "--out", str(out),
+                          "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]) == 0
+    assert _jsonl(out) == rows
     assert generate.main([str(tmp_path), "--prompt", "x"]) == 2  # neither a run folder nor an HF folder
 
 
