@@ -476,6 +476,8 @@ def check_values(cfg: Config) -> None:
     if cfg.eval.samples < 0 or cfg.eval.max_new_tokens < 1 or cfg.eval.temperature < 0:
         raise ConfigError("config keys 'eval.samples' (>= 0), 'eval.max_new_tokens' (>= 1) and 'eval.temperature' "
                           f"(>= 0) are out of range: {cfg.eval}")
+    if cfg.eval.samples and not cfg.data.eval:
+        raise ConfigError("eval.samples samples the eval prompts at each evaluation; set data.eval")
     for key in ("dpop_lambda", "simpo_gamma", "sft_weight", "desirable_weight", "undesirable_weight"):
         if getattr(cfg.dpo, key) < 0:
             raise ConfigError(f"config key 'dpo.{key}' must be >= 0, got {getattr(cfg.dpo, key)}")

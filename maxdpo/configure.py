@@ -2,6 +2,7 @@
 checked against the registries that hold them (model families, kernels, losses, chat templates, schedules)."""
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 from maxdpo.config import Config, ConfigError, check_choice, config_from_dict, read_config
@@ -118,6 +119,8 @@ def _check_unpaired(cfg: Config, name: str, loss) -> None:
 def validate(cfg: Config) -> Config:
     for key, registry in REGISTRIES.items():
         check_choice(cfg, key, tuple(registry))
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb logs to Weights & Biases, which is not installed: pip install 'maxdpo[wandb]'")
     _check_chat_template(cfg.data.chat_template)
     _check_loss(cfg)
     return cfg

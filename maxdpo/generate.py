@@ -26,7 +26,7 @@ from maxdpo.data.sources import DataError, load_rows
 from maxdpo.data.templates import ChatRenderer, resolve_template
 from maxdpo.program import TrainProgram, architecture_from_config, build_train_program
 from maxdpo.sampling import SamplingSettings, completions, left_padded, make_sampler, stop_token_ids
-from maxdpo.sharding import make_mesh
+from maxdpo.sharding import make_mesh, replicated
 from maxdpo.weights import load_sharded
 
 Prompt = Union[str, list]
@@ -77,17 +77,27 @@ class Generator:
             program = build_train_program(cfg, make_mesh(cfg.mesh), 1, architecture_from_config(cfg))
         self.program = program
         self.params = params if params is not None else load_sharded(program, cfg.model.path)
+        self._samplers: dict = {}  # one jitted sampler per SamplingSettings
 
     def __call__(self, prompts: list[Prompt], settings: SamplingSettings, seed: int = 0,
                  batch_size: int = 8) -> list[str]:
-        sample = make_sampler(self.program.graphdef, settings, self.stops, self.tokenizer.pad_token_id)
+        """Completions of `prompts`, in batches of `batch_size` (the last one filled with one-token prompts) padded
+        to a power-of-two length, so a few shapes compile."""
+        pad = self.tokenizer.pad_token_id
+        if settings not in self._samplers:
+            self._samplers[settings] = make_sampler(self.program.graphdef, settings, self.stops, pad,
+                                                    replicated(self.program.mesh))
+        sample = self._samplers[settings]
+        encoded = [self.encode(p) for p in prompts]
         texts, key = [], jax.random.key(seed)
         with self.program.mesh_context():
-            for start in range(0, len(prompts), batch_size):
-                ids, mask = left_padded([self.encode(p) for p in prompts[start:start + batch_size]],
-                                        self.tokenizer.pad_token_id)
+            for start in range(0, len(encoded), batch_size):
+                batch = encoded[start:start + batch_size]
+                filler = [[pad]] * (batch_size - len(batch))
+                longest = max(map(len, batch))
+                ids, mask = left_padded(batch + filler, pad, max(16, 1 << (longest - 1).bit_length()))
                 key, draw = jax.random.split(key)
-                tokens = np.asarray(sample(self.params, ids, mask, draw))
+                tokens = np.asarray(sample(self.params, ids, mask, draw))[:len(batch)]
                 texts += [self.tokenizer.decode(row, skip_special_tokens=True) for row in completions(tokens,
                                                                                                        self.stops)]
         return texts
@@ -131,6 +141,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError, OSError, ValueError) as err:
         print(f"maxdpo: error: {err}", file=sys.stderr)
         return 2
+    if jax.process_index() != 0:  # every process samples; the first one writes
+        return 0
     lines = "".join(json.dumps({"prompt": p, "completion": t}) + "\n" for p, t in zip(prompts, texts))
     if args.out:
         Path(args.out).write_text(lines)

@@ -116,7 +116,7 @@ def render(cfg: Config, rows: list[dict], mesh: dict[str, int], data_parallel: i
             *(f"- {line}" for line in hyperparameters(cfg, mesh, data_parallel)),
             "### Training results", results_table(rows) if any("eval_loss" in r for r in rows)
             else "No evaluation was run (data.eval not set).",
-            *([f"![Training curves: loss, reward margin and accuracy, log-probs, learning rate]({curves})"]
+            *([f"![Training curves: loss, reward margin and accuracy, rewards, log-probs, learning rate]({curves})"]
               if curves else []),
             "### Framework versions", *(f"- {name} {_version(package)}" for name, package in FRAMEWORKS)]
     return "\n".join(front + body) + "\n"
@@ -129,7 +129,7 @@ def write_model_card(out_dir: Path, cfg: Config, metrics_path: Path, step: int, 
     rows = [row for row in read_rows(metrics_path) if row["step"] <= step]
     curves = None
     if rows:
-        draw_curves([metrics_path.parent], Path(out_dir) / CURVES, labels=[cfg.run.name])
+        draw_curves([(cfg.run.name, rows)], Path(out_dir) / CURVES)
         curves = CURVES
     path = Path(out_dir) / "README.md"
     write_text(path, render(cfg, rows, mesh, data_parallel, curves))

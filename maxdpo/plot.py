@@ -27,22 +27,26 @@ def _series(rows: list[dict], name: str) -> tuple[list[int], list[float]]:
     return [step for step, _ in points], [value for _, value in points]
 
 
-def draw_curves(runs: list[Path], out: Path, labels: Optional[list[str]] = None) -> None:
-    """Draws the curves of each run folder's metrics.jsonl into the image `out` (PNG, or by its suffix)."""
+def run_rows(run: Path) -> list[dict]:
+    """A run folder's logged rows (metrics.jsonl)."""
+    rows = read_rows(run / "metrics.jsonl")
+    if not rows:
+        raise FileNotFoundError(f"{run / 'metrics.jsonl'} has no logged rows")
+    return rows
+
+
+def draw_curves(runs: list[tuple[str, list[dict]]], out: Path) -> None:
+    """Draws the curves of each (label, metrics rows) into the image `out` (PNG, or by its suffix)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = labels or [run.name for run in runs]
     rows_of_panels = -(-len(PANELS) // COLUMNS)
     figure, axes = plt.subplots(rows_of_panels, COLUMNS, figsize=(4.6 * COLUMNS, 3.4 * rows_of_panels),
                                 squeeze=False)
-    axes = axes.reshape(1, -1)
-    for color, (run, label) in enumerate(zip(runs, labels)):
-        rows = read_rows(run / "metrics.jsonl")
-        if not rows:
-            raise FileNotFoundError(f"{run / 'metrics.jsonl'} has no logged rows")
-        for axis, (_, names) in zip(axes[0], PANELS):
+    axes = axes.ravel()
+    for color, (label, rows) in enumerate(runs):
+        for axis, (_, names) in zip(axes, PANELS):
             for name in names:
                 style = STYLES.get(name, "-")
                 steps, values = _series(rows, name)
@@ -52,7 +56,7 @@ def draw_curves(runs: list[Path], out: Path, labels: Optional[list[str]] = None)
                 if steps:
                     axis.plot(steps, values, "--" if style == "-" else style, marker="o", markersize=3,
                               color=f"C{color}", label=f"{label} (eval)" if name == names[0] else None)
-    for axis, (title, _) in zip(axes[0], PANELS):
+    for axis, (title, _) in zip(axes, PANELS):
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -74,7 +78,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"maxdpo: error: --labels gives {len(args.labels)} labels for {len(args.runs)} runs", file=sys.stderr)
         return 2
     try:
-        draw_curves(args.runs, args.out, args.labels)
+        labels = args.labels or [run.name for run in args.runs]
+        draw_curves([(label, run_rows(run)) for label, run in zip(labels, args.runs)], args.out)
     except OSError as err:
         print(f"maxdpo: error: {err}", file=sys.stderr)
         return 2

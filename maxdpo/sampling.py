@@ -5,7 +5,7 @@ token, e.g. EOS or a chat template's end of turn) or `max_new_tokens` are out. O
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +35,10 @@ class SamplingSettings:
             raise ValueError(f"sampling needs max_new_tokens >= 1, temperature >= 0 and top_p in (0, 1]; got {self}")
 
 
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [B, P], mask [B, P]) with each prompt right-aligned: every row's next token goes in one column."""
-    length = max(len(p) for p in prompts)
+def left_padded(prompts: list[list[int]], pad_id: int, length: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, P], mask [B, P]) with each prompt right-aligned: every row's next token goes in one column; P is
+    the longest prompt, or `length` when that is longer."""
+    length = max(length, *(len(p) for p in prompts))
     ids = np.full((len(prompts), length), pad_id, np.int32)
     mask = np.zeros((len(prompts), length), np.int32)
     for row, prompt in enumerate(prompts):
@@ -54,17 +55,19 @@ def next_tokens(logits: jax.Array, settings: SamplingSettings, key: jax.Array) -
     logits = logits / settings.temperature
     if settings.top_p < 1:
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
-        mass_before = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1) - jax.nn.softmax(ordered, axis=-1)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
         kept = jnp.sum(mass_before < settings.top_p, axis=-1, keepdims=True)  # [B, 1], at least 1
         threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
         logits = jnp.where(logits >= threshold, logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def make_sampler(graphdef: nnx.GraphDef, settings: SamplingSettings, stop_ids: tuple[int, ...],
-                 pad_id: int) -> Callable:
+def make_sampler(graphdef: nnx.GraphDef, settings: SamplingSettings, stop_ids: tuple[int, ...], pad_id: int,
+                 out_sharding: Optional[jax.sharding.Sharding] = None) -> Callable:
     """sample(params, ids [B, P], mask [B, P], key) -> [B, max_new_tokens] new tokens (jitted), each row ending
-    at its first stop token (kept) and padded after it."""
+    at its first stop token (kept) and padded after it; `out_sharding` (replicated over a mesh) lets every
+    process read the tokens."""
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
 
     def sample(params: dict, ids: jax.Array, mask: jax.Array, key: jax.Array) -> jax.Array:
@@ -91,7 +94,7 @@ def make_sampler(graphdef: nnx.GraphDef, settings: SamplingSettings, stop_ids: t
 
         return jax.lax.while_loop(running, one_token, state)[1]
 
-    return jax.jit(sample)
+    return jax.jit(sample, out_shardings=out_sharding)
 
 
 def completions(tokens: np.ndarray, stop_ids: tuple[int, ...]) -> list[list[int]]:

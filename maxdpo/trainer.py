@@ -23,7 +23,7 @@ from maxdpo.config import Config, ConfigError, save_config, to_dict
 from maxdpo.data.loader import BatchBuilder, BatchIterator, batch_iterator, batch_tokens
 from maxdpo.data.run_data import RunData, check_vocab, export_tokenizer, load_tokenizer, prepare_run_data
 from maxdpo.dpo.precompute import attach_reference_logps
-from maxdpo.dpo.step import finalize_metrics
+from maxdpo.dpo.step import WINDOW_SUM, LossSettings, finalize_metrics
 from maxdpo.export_folder import check_target, export_folder
 from maxdpo.metrics_log import MetricsLog, read_rows
 from maxdpo.model_card import write_model_card
@@ -31,7 +31,7 @@ from maxdpo.program import TrainProgram, architecture_from_config, build_train_p
 from maxdpo.resume import check_architecture, check_resumable, resume_point
 from maxdpo.run_lock import run_folder_lock
 from maxdpo.sampling import SamplingSettings, completions, left_padded, make_sampler, stop_token_ids
-from maxdpo.sharding import make_mesh
+from maxdpo.sharding import make_mesh, replicated
 from maxdpo.weights import host_params, initial_params, reference_params
 
 log = logging.getLogger("maxdpo")
@@ -93,16 +93,19 @@ def evaluate(program: TrainProgram, params: dict, ref_params: dict | None, batch
     return {f"eval_{k}": float(v) for k, v in metrics.items() if not np.isnan(v)}
 
 
-def _mean_rows(window: list[dict]) -> dict:
-    """Averages the metrics of the steps since the last log (TRL's logging), learning rate as of the last step.
-    A metric undefined (NaN) at some steps (unpaired losses: a batch without undesirable examples) is averaged
-    over the others, and left out when no step defines it, as TRL does."""
-    row = {}
-    for name in window[0]:
-        values = np.asarray([m[name] for m in window], np.float64)
-        if not np.isnan(values).all():
-            row[name] = float(np.nanmean(values))
-    row["learning_rate"] = float(window[-1]["learning_rate"])
+def _mean_rows(window: list[dict], settings: LossSettings) -> dict:
+    """Averages the metrics of the steps since the last log (TRL's logging); the learning rate and gradient norm
+    are the last step's (transformers logs those of the step it logs at).
+    Unpaired losses carry their steps' metric sums (`WINDOW_SUM`): their metrics are finalised from the window's
+    sums, as KTOTrainer and BCOTrainer aggregate every micro-batch of a logging window; one that no step defines
+    (no undesirable example) is left out, as TRL does."""
+    row = {name: float(np.mean([m[name] for m in window])) for name in window[0] if not name.startswith(WINDOW_SUM)}
+    sums = {name[len(WINDOW_SUM):]: np.sum([m[name] for m in window], axis=0)
+            for name in window[0] if name.startswith(WINDOW_SUM)}
+    if sums:
+        row.update({name: float(value) for name, value in finalize_metrics(sums, settings).items()})
+        row = {name: value for name, value in row.items() if not np.isnan(value)}
+    row.update({name: float(window[-1][name]) for name in ("learning_rate", "grad_norm")})
     return row
 
 
@@ -134,6 +137,7 @@ class Trainer:
         self.total_steps = self.data.total_steps(cfg.trainer.max_steps)
         self.program = build_train_program(cfg, self.mesh, self.total_steps, spec)
         self._sampler = None  # eval.samples' jitted sampler, built at the first evaluation
+        self._stops = stop_token_ids(self.tokenizer)
         log.info("model: %s, %.2fM parameters, %d layers; mesh %s; process %d of %d", spec.family,
                  spec.num_params() / 1e6, spec.num_layers, dict(self.mesh.shape), jax.process_index(),
                  jax.process_count())
@@ -204,9 +208,10 @@ class Trainer:
             state = {"step": jax.device_put(jnp.asarray(start, jnp.int32), program.abstract_state["step"].sharding),
                      "params": restored["params"], "opt_state": restored["opt_state"],
                      **({"reference": restored["reference"]} if "reference" in state else {})}
-            if "reward_moments" in program.abstract_state:  # exact float32 values through the checkpoint's JSON
+            if "reward_moments" in program.abstract_state:  # exact values through the checkpoint's JSON
+                moments = program.abstract_state["reward_moments"]
                 state["reward_moments"] = jax.device_put(
-                    {name: np.float32(value) for name, value in meta["reward_moments"].items()},
+                    {name: np.asarray(value, moments[name].dtype) for name, value in meta["reward_moments"].items()},
                     program.state_shardings["reward_moments"])
             saved_window = meta.get("log_window", [])
             log.info("resuming from %s at step %d", store.directory / str(start), start)
@@ -284,7 +289,7 @@ class Trainer:
             metrics_log.advance()
             if step % trainer.log_every == 0 or step == self.total_steps:
                 self._check_finite(*pending)
-                row = _mean_rows(jax.device_get(window))
+                row = _mean_rows(jax.device_get(window), program.settings)
                 row.update(step=step, epoch=data.train.schedule.epoch_at(step),
                            tokens_per_sec=tokens / (time.perf_counter() - window_start))
                 metrics_log.write(row)
@@ -332,8 +337,8 @@ class Trainer:
         cfg, tokenizer = self.cfg.eval, self.tokenizer
         if self._sampler is None:
             settings = SamplingSettings(cfg.max_new_tokens, cfg.temperature)
-            self._stops = stop_token_ids(tokenizer)
-            self._sampler = make_sampler(self.program.graphdef, settings, self._stops, tokenizer.pad_token_id)
+            self._sampler = make_sampler(self.program.graphdef, settings, self._stops, tokenizer.pad_token_id,
+                                         replicated(self.mesh))
         pairs = [batches.store.pair(i) for i in range(min(cfg.samples, len(batches.store)))]
         prompts = [pair.chosen[:pair.chosen_prompt_len].tolist() for pair in pairs]
         ids, mask = left_padded(prompts, tokenizer.pad_token_id)
@@ -341,8 +346,13 @@ class Trainer:
 
         def text(ids) -> str:
             return tokenizer.decode(ids, skip_special_tokens=True)
-        return [{"prompt": text(prompt), "chosen": text(pair.chosen[pair.chosen_prompt_len:]), "sample": text(sample)}
-                for prompt, pair, sample in zip(prompts, pairs, completions(tokens, self._stops))]
+        samples = [{"prompt": text(prompt), "chosen": text(pair.chosen[pair.chosen_prompt_len:]),
+                    "sample": text(sample)} for prompt, pair, sample in zip(prompts, pairs,
+                                                                             completions(tokens, self._stops))]
+        if batches.store.labels is not None:  # unpaired data: the example's completion, desirable or not
+            for index, sample in enumerate(samples):
+                sample["label"] = int(batches.store.labels[index])
+        return samples
 
     def export(self, params: dict, out_dir: Path, step: int) -> None:
         """Weights, tokenizer and model card; every process takes part in gathering, the first one writes."""

@@ -9,10 +9,10 @@ from transformers import AutoTokenizer
 from maxdpo.checkpoint.state import CheckpointStore
 from maxdpo.config import ConfigError, DataConfig
 from maxdpo.configure import load_config
-from maxdpo.data.pipeline import Unpaired, prepare_pairs
+from maxdpo.data.pipeline import prepare_pairs
 from maxdpo.data.sources import DataError, resolve_path
 from maxdpo.data.templates import ChatRenderer, resolve_template
-from maxdpo.data.unpaired import UNPAIR_BLOCK
+from maxdpo.data.unpaired import UNPAIR_BLOCK, Unpaired
 from test_reference_sync import _rows
 from test_train_e2e import whole_and_resumed
 

@@ -30,6 +30,7 @@ from maxdpo.configure import load_config
 from maxdpo.data.batch import Batch, collate
 from maxdpo.data.prefix_sharing import collate_shared
 from maxdpo.data.tokenize import TokenizedPair
+from maxdpo.dpo.losses import loss_record
 from maxdpo.flops import dpo_step_flops
 from maxdpo.program import build_train_program
 from maxdpo.sharding import make_mesh
@@ -62,9 +63,10 @@ def measured_peak(size: int = 8192, iters: int = 20) -> float:
 
 
 def synthetic_batch(rows: int, seq: int, prompt: int, vocab: int, shared: bool, precompute: bool,
-                    seed: int = 0) -> Batch:
+                    seed: int = 0, unpaired: bool = False) -> Batch:
     """One pair per row, chosen and rejected of `seq` tokens sharing the first `prompt`; every token real.
-    With prefix sharing the row is prompt | chosen | rejected (prompt + 2 x completion tokens)."""
+    With prefix sharing the row is prompt | chosen | rejected (prompt + 2 x completion tokens). `unpaired`:
+    alternate desirable and undesirable labels (KTO's example | mismatched example rows)."""
     rng = np.random.default_rng(seed)
     pairs = []
     for _ in range(rows):
@@ -78,6 +80,8 @@ def synthetic_batch(rows: int, seq: int, prompt: int, vocab: int, shared: bool, 
         batch = collate([[pair] for pair in pairs], seq, 1, pad_id=0)
     if precompute:
         batch = batch.replace(ref_logps=rng.normal(-50.0, 5.0, (rows, 1, 2)).astype(np.float32))
+    if unpaired:
+        batch = batch.replace(labels=(np.arange(rows) % 2).astype(np.float32)[:, None])
     return batch
 
 
@@ -110,7 +114,8 @@ def main(argv=None) -> int:
         params = init_params(program, cfg.run.seed)
         ref_params = program.reference_weights(params) if program.reference_model else None
         state = program.init_state(params)
-        host_batch = synthetic_batch(rows, seq, prompt, spec.vocab_size, cfg.data.prefix_sharing, precompute)
+        host_batch = synthetic_batch(rows, seq, prompt, spec.vocab_size, cfg.data.prefix_sharing, precompute,
+                                     unpaired=loss_record(cfg.dpo.objective).unpaired)
         batch = jax.device_put(host_batch, program.batch_sharding)
         start = time.perf_counter()
         compiled = program.train_step.lower(state, ref_params, batch).compile()

@@ -215,7 +215,8 @@ class BatchIterator:
     def restore(self, state: dict, where: str) -> None:
         if state["fingerprint"] != self.fingerprint:
             raise DataError(f"{where} was written while training on other data or batches (the data, tokenizer, "
-                             "data.* settings, trainer.batch_size, trainer.epochs or run.seed differ); resuming "
+                             "data.* settings, trainer.batch_size, trainer.epochs, run.seed or, for KTO, "
+                             "trainer.micro_batch_size differ); resuming "
                              "would not continue the same run")
         self._iterator.set_state(state["grain"])
 

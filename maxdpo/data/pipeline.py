@@ -28,7 +28,7 @@ from maxdpo.data.formats import (Example, InvalidRow, RowFormat, as_conversation
 from maxdpo.data.sources import DataError, load_rows, source_fingerprint
 from maxdpo.data.store import PairStore
 from maxdpo.data.templates import ChatRenderer, TemplateError, resolve_template
-from maxdpo.data.unpaired import unpaired_order, with_mismatched
+from maxdpo.data.unpaired import Unpaired, unpaired_order, with_mismatched
 from maxdpo.data.tokenize import PairTokenizer
 
 log = logging.getLogger("maxdpo")
@@ -36,14 +36,6 @@ log = logging.getLogger("maxdpo")
 CACHE_VERSION = 2  # 2: TRL 1.16's rule (the tokenizer's own special tokens, shared prompt boundary)
 CHUNK_ROWS = 1024
 MAX_AUTO_PROCESSES = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class Unpaired:
-    """Unpaired examples' data: each one a (sequence, mismatched sequence) pair when `kl_chunk` > 0 (KTO: the
-    completion of the example before it in its chunk of `kl_chunk` examples, in data order, as TRL's KTOTrainer
-    rotates completions within each per-device batch), else a one-token stub in the rejected place."""
-    kl_chunk: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +193,16 @@ def _reason_kind(reason: str) -> str:
     return re.sub(r"\d+", "N", reason)
 
 
+def _settings_key(settings: DataSettings) -> dict:
+    """The settings as the cache key holds them: the unpaired-data fields only when set, so the data of runs
+    started before they existed keeps its key (and those runs resume)."""
+    key = dataclasses.asdict(settings)
+    if settings.unpaired is None:
+        del key["unpaired"]
+        key["columns"] = key["columns"][:3]  # prompt, chosen, rejected
+    return key
+
+
 def _unpaired_store(examples: list, rows: list[int], labels: list[int], unpaired: Unpaired, max_length: int,
                     from_preference_rows: bool) -> PairStore:
     """Unpaired examples in TRL's order, with KTO's mismatched completions when the loss reads them."""
@@ -231,8 +233,9 @@ def prepare_pairs(source: str, split: str, data_cfg, tokenizer, *, sft: bool = F
         raise DataError("data.system_prompt needs a chat template: set data.chat_template (plain prompts are "
                         "otherwise used as they are)")
     key_content = {"version": CACHE_VERSION, "data": source_fingerprint(source, split, rows),
-                   "tokenizer": tokenizer_fingerprint(tokenizer), "settings": dataclasses.asdict(settings),
-                   "row_format": dataclasses.asdict(row_format)}
+                   "tokenizer": tokenizer_fingerprint(tokenizer), "settings": _settings_key(settings),
+                   "row_format": {k: v for k, v in dataclasses.asdict(row_format).items() if v is not None or
+                                  k != "label"}}
     fingerprint = hashlib.sha256(json.dumps(key_content, sort_keys=True).encode()).hexdigest()
     cache_path = cache_directory(data_cfg) / "tokenized" / f"{fingerprint}.npz"
     if data_cfg.cache and cache_path.is_file():

@@ -15,9 +15,10 @@ from transformers import AutoTokenizer
 from maxdpo.atomic import write_text
 from maxdpo.config import Config, ConfigError
 from maxdpo.data.loader import BatchBuilder, BatchPlan, eval_schedule, training_schedule
-from maxdpo.data.pipeline import PreparedData, Unpaired, prepare_pairs
+from maxdpo.data.pipeline import PreparedData, prepare_pairs
 from maxdpo.data.sources import DataError, resolve_path
 from maxdpo.data.templates import resolve_template
+from maxdpo.data.unpaired import Unpaired
 from maxdpo.dpo.losses import loss_record
 from maxdpo.export_folder import TOKENIZER_FILES
 
@@ -69,8 +70,8 @@ def check_token_ids(prepared: PreparedData, source: str, vocab_size: int) -> Non
 
 
 def prepare_data(source: str, split: str, cfg: Config, tokenizer) -> PreparedData:
-    """Tokenised pairs of a data source (cached on disk; progress shown by the first process); an unpaired loss's
-    examples, with KTO's mismatched completions rotated within chunks of trainer.micro_batch examples."""
+    """Tokenised pairs of a data source (cached on disk; progress shown by the first process), or an unpaired
+    loss's examples (KTO's mismatched completions rotated within chunks of trainer.micro_batch examples)."""
     loss = loss_record(cfg.dpo.objective)
     unpaired = Unpaired(cfg.trainer.micro_batch if loss.anchor == "kl" else 0) if loss.unpaired else None
     return prepare_pairs(source, split, cfg.data, tokenizer, sft=loss.completions, unpaired=unpaired,

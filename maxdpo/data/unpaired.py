@@ -13,6 +13,13 @@ import numpy as np
 
 from maxdpo.data.tokenize import TokenizedPair
 
+@dataclasses.dataclass(frozen=True)
+class Unpaired:
+    """How a run's unpaired examples are built: with KTO's mismatched completions rotated within chunks of
+    `kl_chunk` examples (`with_mismatched`), or (0) with the one-token stub."""
+    kl_chunk: int
+
+
 UNPAIR_BLOCK = 1000  # rows per `datasets.map` batch, within which TRL's unpair_preference_dataset puts every
 # chosen completion before every rejected one
 
@@ -25,8 +32,10 @@ def unpaired_order(rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def with_mismatched(examples: list[TokenizedPair], chunk: int, max_length: int) -> list[TokenizedPair]:
     """Each example with, in its rejected place, its prompt followed by the completion of the example before it
-    in its chunk of `chunk` consecutive examples (the first takes the last one's), cut to `max_length` tokens:
-    TRL's KTOTrainer rotation (x_1, y_n), (x_2, y_1), ..., (x_n, y_(n-1)) within each batch."""
+    in its chunk of `chunk` consecutive examples in data order (the first takes the last one's), cut to
+    `max_length` tokens: TRL's KTOTrainer rotation (x_1, y_n), (x_2, y_1), ..., (x_n, y_(n-1)), which TRL applies
+    within each per-device batch and maxdpo within each global micro-batch (the same on one device). A shuffled
+    example travels with its partner."""
     mismatched = []
     for start in range(0, len(examples), chunk):
         block = examples[start:start + chunk]

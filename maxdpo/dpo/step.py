@@ -30,6 +30,7 @@ from maxdpo.models.lora import adapters_off
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen")
 SFT_METRICS = ("loss", "logps/chosen", "logits/chosen", "aux_loss")
+WINDOW_SUM = "sum:"  # prefixes an unpaired step's metric sums, which logging adds up over its window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +66,8 @@ class LossSettings:
 
 def sequence_stats(graphdef: nnx.GraphDef, params: dict, batch: Batch, sequence_nll: bool = False,
                    ld_alpha: Optional[float] = None, use_weighting: bool = False) -> dict[str, jax.Array]:
-    """Forward pass over chosen and rejected rows ([B, 2, T]) or prefix-shared rows ([B, 1, T]): per-pair
-    logps and logit sums, each [B*K, 2] for B rows of K pair slots; MoE models add the router
+    """Forward pass over chosen and rejected rows ([B, 2, T]; one side alone: [B, 1, T]) or prefix-shared rows
+    ([B, 1, T]): per-pair logps and logit sums, each [B*K, sides] for B rows of K pair slots; MoE models add the router
     load-balancing loss of the whole forward (`aux_loss`, a scalar, as transformers computes it);
     `sequence_nll` adds `sequence_logps`, over every predicted token of each sequence, prompt included, and
     `ld_alpha` weighs the logps as LD-DPO (`length_desensitised_weights`), and `use_weighting` adds WPO's
@@ -294,6 +295,8 @@ def make_train_step(graphdef: nnx.GraphDef, settings: LossSettings, optimizer: o
         updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
         trainable = low_precision.apply_updates(trainable, split.zero_frozen_slices(updates), state["step"])
         metrics = finalize_metrics(sums, settings)
+        if loss_record(settings.loss).unpaired:  # the log aggregates a window of steps from their sums
+            metrics.update({WINDOW_SUM + name: value for name, value in sums.items()})
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = schedule(state["step"])
         new_state = {"step": state["step"] + 1, "params": split.merge(trainable, frozen), "opt_state": opt_state}
@@ -313,6 +316,8 @@ def make_eval_step(graphdef: nnx.GraphDef, settings: LossSettings, base_referenc
 
     def eval_step(params: dict, ref_params: Optional[dict], batch: Batch,
                   reward_moments: Optional[dict] = None) -> dict:
+        if loss_record(settings.loss).anchor == "running_mean" and reward_moments is None:
+            raise ValueError("BCO's evaluation reads the run's running reward mean: pass state['reward_moments']")
         if base_reference:
             ref_params = adapters_off(params)
         reference = reference_stats(graphdef, ref_params, batch, settings)

@@ -29,8 +29,8 @@ SIDES = ("chosen", "rejected")  # desirable, undesirable: TRL's metric names
 
 
 def initial_moments() -> dict[str, jax.Array]:
-    """BCO's running reward statistics before the first step: no rewards seen."""
-    return {"mean": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32)}
+    """BCO's running reward statistics before the first step: no rewards seen (an int32 count stays exact)."""
+    return {"mean": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.int32)}
 
 
 def update_moments(moments: dict[str, jax.Array], rewards: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -38,8 +38,8 @@ def update_moments(moments: dict[str, jax.Array], rewards: jax.Array, mask: jax.
     RunningMoments.update moves its mean."""
     seen = jnp.sum(mask)
     batch_mean = jnp.sum(rewards * mask) / jnp.maximum(seen, 1.0)
-    count = moments["count"] + seen
-    mean = moments["mean"] + (batch_mean - moments["mean"]) * seen / jnp.maximum(count, 1.0)
+    count = moments["count"] + seen.astype(jnp.int32)
+    mean = moments["mean"] + (batch_mean - moments["mean"]) * seen / jnp.maximum(count, 1).astype(jnp.float32)
     return {"mean": mean, "count": count}
 
 

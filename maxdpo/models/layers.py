@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from maxdpo.kernels import dot_product_attention
+from maxdpo.kernels.attention_reference import cached_attention
 from maxdpo.models import nf4
 from maxdpo.models.lora import make_adapters
 from maxdpo.models.spec import Architecture, Execution
@@ -197,28 +198,25 @@ class Attention(nnx.Module):
         return project(self, "o_proj", out, contract=2)  # [B, T, D]
 
     def decode(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, sliding_window: Optional[int],
-               cache: "LayerCache") -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Attention of new tokens x [B, T, D] over the cached keys and values with theirs written at
-        `cache.index` (the XLA path: a few query rows); returns (out [B, T, D], the layer's new (k, v))."""
+               cache: LayerCache) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Attention of new tokens x [B, T, D] over the cached keys and values and their own (plain JAX: a few
+        query rows); returns (out [B, T, D], the new tokens' keys and values [B, T, K, H] in the cache's
+        dtype, for the caller to write at the cache's index)."""
         q, k, v = self._rotated_qkv(x, positions)
-        keys = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache.index, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.index, axis=1)
-        out = dot_product_attention(
-            q, keys.astype(q.dtype), values.astype(q.dtype), impl="xla", q_positions=positions,
-            kv_positions=cache.positions, q_segment_ids=segment_ids, kv_segment_ids=cache.segment_ids,
-            scale=self.spec.attention_scale, sliding_window=sliding_window,
-            logit_softcap=self.spec.attn_logit_softcap)
-        return project(self, "o_proj", out, contract=2), (keys, values)
+        out = cached_attention(q, k, v, cache.k, cache.v, q_positions=positions, q_segment_ids=segment_ids,
+                               cache_positions=cache.positions, cache_segment_ids=cache.segment_ids,
+                               scale=self.spec.attention_scale, sliding_window=sliding_window,
+                               logit_softcap=self.spec.attn_logit_softcap)
+        return project(self, "o_proj", out, contract=2), (k.astype(cache.k.dtype), v.astype(cache.v.dtype))
 
 
 class LayerCache(NamedTuple):
-    """One layer's view of the decode cache: its keys and values [B, S, K, H], every layer's key positions and
-    segment ids [B, S] (the new tokens' already written; segment 0: empty) and where the new tokens go."""
+    """One layer's view of the decode cache before this step: its keys and values [B, S, K, H], the key
+    positions and segment ids [B, S] (0: an empty slot, or padding)."""
     k: jax.Array
     v: jax.Array
     positions: jax.Array
     segment_ids: jax.Array
-    index: jax.Array
 
 
 class GatedMLP(nnx.Module):

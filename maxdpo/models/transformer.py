@@ -93,12 +93,52 @@ class Transformer(nnx.Module):
             self.lm_head = make_param(rngs, (spec.hidden_size, spec.vocab_size), ("embed", "vocab"),
                                       execution.param_dtype, spec.initializer_range)
 
-    def _run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, shared_prefix: bool
-                    ) -> tuple[jax.Array, list[jax.Array]]:
-        """Runs every layer; returns (x, the MoE statistics of each layer or scanned group of layers)."""
-        spec, execution = self.spec, self.execution
-        graphdef, stacked = nnx.split(self.layers)
+    def _over_layers(self, fn: Callable, x: jax.Array, per_layer=None) -> tuple[jax.Array, object]:
+        """x through every layer: `fn(h, layer_index, window, inputs) -> (h, outputs)`, `inputs` the layer's slice
+        of `per_layer` (a pytree of [L, ...] arrays). With `scan_layers` the layers are scanned in groups of the
+        windows' period (each layer's window static inside its group), the leftover layers after; otherwise a
+        Python loop. Returns (x, the outputs stacked [L, ...])."""
+        spec = self.spec
         windows = spec.layer_windows()
+
+        def stacked(outputs):  # list over layers -> [layers, ...]
+            return jax.tree.map(lambda *values: jnp.stack(values), *outputs)
+
+        def in_turn(h, layers):
+            outputs = []
+            for index in layers:
+                h, out = fn(h, index, windows[index], jax.tree.map(lambda t: t[index], per_layer))
+                outputs.append(out)
+            return h, outputs
+
+        if not self.execution.scan_layers:
+            x, outputs = in_turn(x, range(spec.num_layers))
+            return x, stacked(outputs)
+        period = layer_period(windows)
+        groups = spec.num_layers // period
+
+        def group(h, inputs):
+            group_index, sliced = inputs  # sliced: [period, ...]
+            outputs = []
+            for offset in range(period):
+                h, out = fn(h, group_index * period + offset, windows[offset],
+                            jax.tree.map(lambda t: t[offset], sliced))
+                outputs.append(out)
+            return h, stacked(outputs)
+
+        grouped = jax.tree.map(lambda t: t[:groups * period].reshape(groups, period, *t.shape[1:]), per_layer)
+        x, outputs = jax.lax.scan(group, x, (jnp.arange(groups), grouped))
+        outputs = jax.tree.map(lambda t: t.reshape(groups * period, *t.shape[2:]), outputs)
+        x, tail = in_turn(x, range(groups * period, spec.num_layers))  # layers past the last whole group
+        if tail:
+            outputs = jax.tree.map(lambda whole, rest: jnp.concatenate([whole, rest]), outputs, stacked(tail))
+        return x, outputs
+
+    def _run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, shared_prefix: bool
+                    ) -> tuple[jax.Array, Optional[jax.Array]]:
+        """Runs every layer; returns (x, the MoE balance statistics summed over layers, or None)."""
+        execution = self.execution
+        graphdef, stacked = nnx.split(self.layers)
 
         def make_layer(window):
             # The layer's weights are sliced out of the stack inside the (checkpointed) layer: the backward pass
@@ -111,35 +151,14 @@ class Transformer(nnx.Module):
                 return layer
             return jax.checkpoint(layer, policy=REMAT_POLICIES[execution.remat], prevent_cse=not execution.scan_layers)
 
-        layer_fns = {window: make_layer(window) for window in set(windows)}
-        statistics = []
+        layer_fns = {window: make_layer(window) for window in set(self.spec.layer_windows())}
 
-        def apply(h, window_index, index):
-            h, stats = layer_fns[windows[window_index]](h, stacked, index)
-            return h, [] if stats is None else [stats]
+        def apply(h, index, window, _):
+            h, statistics = layer_fns[window](h, stacked, index)
+            return h, () if statistics is None else statistics
 
-        if not execution.scan_layers:
-            for index in range(spec.num_layers):
-                x, stats = apply(x, index, index)
-                statistics += stats
-            return x, statistics
-
-        period = layer_period(windows)
-        groups = spec.num_layers // period
-
-        def group(h, group_index):
-            group_stats = []
-            for offset in range(period):
-                h, stats = apply(h, offset, group_index * period + offset)
-                group_stats += stats
-            return h, group_stats
-
-        x, scanned_stats = jax.lax.scan(group, x, jnp.arange(groups))
-        statistics += [jnp.sum(stats, axis=0) for stats in scanned_stats]
-        for index in range(groups * period, spec.num_layers):  # layers past the last whole group
-            x, stats = apply(x, index, index)
-            statistics += stats
-        return x, statistics
+        x, statistics = self._over_layers(apply, x)
+        return x, (jnp.sum(statistics, axis=0) if self.spec.num_experts else None)  # [2, E]
 
     def hidden_states(self, input_ids: jax.Array, positions: Optional[jax.Array] = None,
                       segment_ids: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
@@ -157,9 +176,9 @@ class Transformer(nnx.Module):
                            else attention_mask.astype(jnp.int32))
         x, statistics = self._run_layers(self._embed(input_ids), positions, segment_ids, shared_prefix)
         aux_loss = jnp.zeros((), jnp.float32)
-        if statistics:
+        if statistics is not None:
             num_rows = jnp.sum(segment_ids > 0).astype(jnp.float32) * spec.num_layers
-            aux_loss = load_balancing_loss(sum(statistics), num_rows)
+            aux_loss = load_balancing_loss(statistics, num_rows)
         return self.final_norm(x), aux_loss
 
     def _embed(self, input_ids: jax.Array) -> jax.Array:
@@ -174,42 +193,25 @@ class Transformer(nnx.Module):
                cache: KVCache) -> tuple[jax.Array, KVCache]:
         """New tokens [B, T] (a left-padded prompt, then one token a step) at `positions` [B, T] with segment
         ids [B, T] (1, 0 on padding), attending to the cache: (fp32 logits of the last position [B, V], the
-        cache with their keys and values)."""
-        spec, index = self.spec, cache.length
-        kv_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, index, axis=1)
-        kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, index, axis=1)
+        cache with their keys and values written at `cache.length`)."""
         graphdef, stacked = nnx.split(self.layers)
-        windows = spec.layer_windows()
 
-        def layer(h, layer_index, window, k, v):
+        def layer(h, layer_index, window, k, v):  # -> (h, this layer's new keys and values [B, T, K, H])
             layer_state = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, layer_index, keepdims=False),
                                        stacked)
             return nnx.merge(graphdef, layer_state).decode(h, positions, segment_ids, window,
-                                                           LayerCache(k, v, kv_positions, kv_segments, index))
+                                                           LayerCache(k, v, cache.positions, cache.segment_ids))
 
-        x, period = self._embed(input_ids), layer_period(windows)
-        if spec.num_layers % period:  # windows with no period: every layer in turn
-            new = [None] * spec.num_layers
-            for i in range(spec.num_layers):
-                x, new[i] = layer(x, i, windows[i], cache.k[i], cache.v[i])
-            keys, values = (jnp.stack([kv[i] for kv in new]) for i in (0, 1))
-        else:
-            groups = spec.num_layers // period
-
-            def group(h, inputs):  # a scan over groups of `period` layers, each window static in its group
-                group_index, k, v = inputs  # k, v [period, B, S, K, H]
-                kvs = []
-                for offset in range(period):
-                    h, kv = layer(h, group_index * period + offset, windows[offset], k[offset], v[offset])
-                    kvs.append(kv)
-                return h, tuple(jnp.stack([kv[i] for kv in kvs]) for i in (0, 1))
-
-            def grouped(t):  # [L, ...] -> [L / period, period, ...]
-                return t.reshape(groups, period, *t.shape[1:])
-            x, (keys, values) = jax.lax.scan(group, x, (jnp.arange(groups), grouped(cache.k), grouped(cache.v)))
-            keys, values = (t.reshape(spec.num_layers, *t.shape[2:]) for t in (keys, values))
+        x, (keys, values) = self._over_layers(lambda h, index, window, kv: layer(h, index, window, *kv),
+                                              self._embed(input_ids), (cache.k, cache.v))  # [L, B, T, K, H] each
         logits = self.vocab_projection()(self.final_norm(x[:, -1]))  # [B, V]
-        return logits, KVCache(keys, values, kv_positions, kv_segments, index + input_ids.shape[1])
+        index = cache.length
+
+        def write(buffer, new, axis):  # the new tokens' entries into the cache, in place in a loop's carry
+            return jax.lax.dynamic_update_slice_in_dim(buffer, new, index, axis=axis)
+        return logits, KVCache(write(cache.k, keys, 2), write(cache.v, values, 2),
+                               write(cache.positions, positions, 1), write(cache.segment_ids, segment_ids, 1),
+                               index + input_ids.shape[1])
 
     def empty_cache(self, batch: int, max_length: int) -> KVCache:
         """A decode cache for `batch` rows of up to `max_length` tokens, in the compute dtype."""
