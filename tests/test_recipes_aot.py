@@ -105,6 +105,7 @@ def test_mixtral_dpo_with_reference_fits_a_v5p_16():
     assert aot.main(["notux_8x7b_dpo.yaml", "--topology", "v5p-16"]) == 0
 
 
+@pytest.mark.slow  # a full-size compile (Mixtral-8x7B on 8 GPUs): `pytest -m slow`
 @pytest.mark.gpu_aot
 @needs_cuda_plugin
 def test_the_notux_recipe_fits_its_own_8_h100(tmp_path):
