@@ -44,6 +44,9 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     try:
         for process in processes:
             process.wait(timeout=600)
+    except subprocess.TimeoutExpired:  # say where each process was (a hang has shown up once under CI load)
+        tails = "\n".join(f"process {i}: ...{log.read_text()[-1500:]}" for i, log in enumerate(logs))
+        raise AssertionError(f"the two-process run did not finish in 600 s:\n{tails}") from None
     finally:
         for process, sink in zip(processes, sinks):
             process.kill()
