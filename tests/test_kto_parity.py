@@ -4,26 +4,20 @@ aggregation of its logged metrics under gradient accumulation; and whole runs th
 (tokenisation, mismatched completions, batching, optimizer) logging TRL's values at every step."""
 import json
 
-import jax
 import numpy as np
-import optax
 import pytest
 import torch
 import trl
 from datasets import Dataset
-from flax import nnx
 from transformers import AutoTokenizer
 
-from hf_models import maxdpo_params, tiny_llama
+from hf_models import tiny_llama
 from maxdpo import train
-from maxdpo.config import FreezeConfig
 from maxdpo.data.batch import PAIRED, Batch
 from maxdpo.data.sources import resolve_path
-from maxdpo.dpo.freeze import trainable_split
 from maxdpo.dpo.losses import LossHyper
-from maxdpo.dpo.step import LossSettings, finalize_metrics, make_eval_step, make_train_step
-from maxdpo.models.registry import get_family
-from test_trl_parity import ROWS as PAIRS, first_step
+from maxdpo.dpo.step import LossSettings, finalize_metrics
+from test_trl_parity import ROWS as PAIRS, first_step, step_with_settings
 from tokenizer_kinds import make_tokenizer
 
 # 12 distinct labelled single completions, desirable and undesirable mixed within every 4 and every 6
@@ -79,16 +73,8 @@ def maxdpo_batch(trl_batches: list[dict]) -> Batch:
 
 
 def maxdpo_step(tmp, batch, loss, beta, desirable, undesirable, num_micro=1):
-    graphdef, params = maxdpo_params(tmp / "policy")
-    _, ref_params = maxdpo_params(tmp / "ref")
-    spec = nnx.merge(graphdef, params).spec
     settings = LossSettings(loss, LossHyper(beta, desirable_weight=desirable, undesirable_weight=undesirable))
-    split = trainable_split(spec, get_family(spec.family), FreezeConfig())
-    tx = optax.sgd(1e-3)
-    step = jax.jit(make_train_step(graphdef, settings, tx, optax.constant_schedule(1e-3), num_micro, split))
-    state = {"step": np.int32(0), "params": params, "opt_state": tx.init(split.trainable(params))}
-    _, metrics = step(state, ref_params, batch)
-    eval_sums = jax.jit(make_eval_step(graphdef, settings))(params, ref_params, batch)
+    metrics, eval_sums = step_with_settings(tmp, batch, settings, num_micro)
     return metrics, finalize_metrics(eval_sums, settings)
 
 

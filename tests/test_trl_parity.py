@@ -124,13 +124,18 @@ def maxdpo_batch(trl_batch):
 
 
 def maxdpo_step(tmp, batch, loss, beta, smoothing, sft_weight, aux_coef=0.0, num_micro=1, **options):
-    graphdef, params = maxdpo_params(tmp / "policy")
-    _, ref_params = maxdpo_params(tmp / "ref")
-    spec = nnx.merge(graphdef, params).spec
     # settings of the log-probs, not of the loss
     ld_alpha, use_weighting = options.pop("ld_alpha", None), options.pop("use_weighting", False)
     settings = LossSettings(loss, LossHyper(beta, smoothing, **options), sft_weight, aux_coef, ld_alpha,
                             use_weighting)
+    return step_with_settings(tmp, batch, settings, num_micro)
+
+
+def step_with_settings(tmp, batch, settings: LossSettings, num_micro: int = 1):
+    """(metrics of one SGD train step, eval metric sums) of `tmp`'s policy against its reference on `batch`."""
+    graphdef, params = maxdpo_params(tmp / "policy")
+    _, ref_params = maxdpo_params(tmp / "ref")
+    spec = nnx.merge(graphdef, params).spec
     split = trainable_split(spec, get_family(spec.family), FreezeConfig())
     tx = optax.sgd(1e-3)
     step = jax.jit(make_train_step(graphdef, settings, tx, optax.constant_schedule(1e-3), num_micro, split))
